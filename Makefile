@@ -32,7 +32,14 @@ testarm:
 bench: build
 	$(PY) bench/bench_llamacpp.py
 
+# The main job on embedded defaults (today: convert the shipped stories260K model and run it).
+demo: build
+	mkdir -p build/demo
+	$(PY) -m edgellm convert tests/data/stories260K/stories260K.bin --out build/demo/stories260K-q8_0.gguf --type q8_0
+	$(PY) -m edgellm info build/demo/stories260K-q8_0.gguf
+	$(PY) -m edgellm run build/demo/stories260K-q8_0.gguf "Once upon a time" -n 120 --temp 0 -v
+
 clean:
 	rm -rf build build-asan build-aarch64 edgellm/_edgellm_cffi*.so
 
-.PHONY: build test testc asan testarm bench clean
+.PHONY: build test testc asan testarm bench demo clean
