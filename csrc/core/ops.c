@@ -6,54 +6,103 @@
 
 #include "edgellm.h"
 
-// Independent partial sums per dot product: breaks the add dependency chain and gives the
+// Independent partial sums for reductions: they break the add dependency chain and give the
 // compiler lanes to vectorise without -ffast-math (16 = four 4-wide or two 8-wide vectors).
-#define EL_DOT_LANES 16
+#define EL_LANES 16
 
 // --------------------------------------------------------------------------
-// Dot products and axpy (attention scores and the weighted sum of values)
+// Scalar building blocks (inlined into the loops below so those vectorise)
 
-static inline float el_sum_lanes(const float acc[EL_DOT_LANES]) {
-    // Pairwise reduction keeps the rounding error at O(log lanes).
-    float a[EL_DOT_LANES];
-    for (int j = 0; j < EL_DOT_LANES; j++) a[j] = acc[j];
-    for (int w = EL_DOT_LANES / 2; w > 0; w /= 2)
-        for (int j = 0; j < w; j++) a[j] += a[j + w];
-    return a[0];
+// exp(x) = 2^n * e^r with n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2] (Cody-Waite),
+// e^r by a degree-7 Taylor polynomial (truncation error < 5e-9). No libm call and no branch:
+// the clamps compare the float's bits as integers, because float compares may trap, which
+// stops the compiler from turning them into vector selects.
+static inline float el_expf_inl(float x) {
+    union { float f; int32_t i; } xb = {x};
+    const int32_t lo = (int32_t)0xC2AE0000u, hi = 0x42B00000;  // bits of -87.0f and 88.0f
+    // Negative floats order inversely as ints: x < -87 <=> bits in (lo, 0).
+    const int32_t below = -(int32_t)((xb.i > lo) & (xb.i < 0));  // all ones: clamp to -87
+    xb.i = (lo & below) | (xb.i & ~below);
+    const int32_t above = -(int32_t)(xb.i > hi);  // all ones: x > 88 (or NaN): clamp to 88
+    xb.i = (hi & above) | (xb.i & ~above);
+    x = xb.f;  // now in [-87, 88]: e^-87 ~ 1.6e-38 is normal, e^88 ~ 1.65e38 < FLT_MAX
+    // Adding 1.5 * 2^23 rounds x / ln2 to an integer held in the low mantissa bits of z.
+    const float z = x * 1.44269504088896341f + 12582912.0f;
+    const float n = z - 12582912.0f;
+    float r = x - n * 0.693145751953125f;    // ln2 high part: n * it is exact
+    r = r - n * 1.42860682030941723212e-6f;  // ln2 low part
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    // 2^n: the bits of z are 0x4B400000 + n, and n + 127 in [1, 254] is a valid exponent.
+    union { float f; uint32_t u; } zb = {z}, sc;
+    sc.u = (zb.u - 0x4B400000u + 127u) << 23;
+    return p * sc.f;
 }
 
-float el_dot_f32(const float *a, const float *b, int64_t n) {
-    float acc[EL_DOT_LANES] = {0};
+float el_expf(float x) { return el_expf_inl(x); }
+
+// --------------------------------------------------------------------------
+// Attention
+
+// Float bits -> an int with the same order (for non-NaN floats): negative floats flip their
+// magnitude bits. Lets max run on integer compares, which vectorise (float compares may trap).
+static inline int32_t el_ordered(float x) {
+    union { float f; int32_t i; } b = {x};
+    return b.i ^ ((b.i >> 31) & 0x7FFFFFFF);
+}
+
+float el_max(const float *x, int64_t n) {
+    int32_t acc[EL_LANES];
+    for (int j = 0; j < EL_LANES; j++) acc[j] = el_ordered(x[0]);
     int64_t i = 0;
-    for (; i + EL_DOT_LANES <= n; i += EL_DOT_LANES)
-        for (int j = 0; j < EL_DOT_LANES; j++) acc[j] += a[i + j] * b[i + j];
-    for (int j = 0; i < n; i++, j++) acc[j] += a[i] * b[i];  // tail: < EL_DOT_LANES left
-    return el_sum_lanes(acc);
+    for (; i + EL_LANES <= n; i += EL_LANES)
+        for (int j = 0; j < EL_LANES; j++) {
+            const int32_t v = el_ordered(x[i + j]);
+            acc[j] = v > acc[j] ? v : acc[j];
+        }
+    for (int j = 0; i < n; i++, j++) {
+        const int32_t v = el_ordered(x[i]);
+        acc[j] = v > acc[j] ? v : acc[j];
+    }
+    int32_t m = acc[0];
+    for (int j = 1; j < EL_LANES; j++) m = acc[j] > m ? acc[j] : m;
+    union { int32_t i; float f; } b = {m ^ ((m >> 31) & 0x7FFFFFFF)};  // the map is an involution
+    return b.f;
 }
 
-float el_dot_f16_f32(const uint16_t *a, const float *b, int64_t n) {
-    float acc[EL_DOT_LANES] = {0};
+float el_exp_sum(float *restrict x, int64_t n, float max, float scale) {
+    for (int64_t i = 0; i < n; i++) x[i] = el_expf_inl((x[i] - max) * scale);
+    float acc[EL_LANES] = {0};
     int64_t i = 0;
-    for (; i + EL_DOT_LANES <= n; i += EL_DOT_LANES)
-        for (int j = 0; j < EL_DOT_LANES; j++) acc[j] += el_h2f(a[i + j]) * b[i + j];
-    for (int j = 0; i < n; i++, j++) acc[j] += el_h2f(a[i]) * b[i];
-    return el_sum_lanes(acc);
+    for (; i + EL_LANES <= n; i += EL_LANES)
+        for (int j = 0; j < EL_LANES; j++) acc[j] += x[i + j];
+    for (int j = 0; i < n; i++, j++) acc[j] += x[i];  // tail: fewer than EL_LANES left
+    // Pairwise reduction of the lanes.
+    for (int w = EL_LANES / 2; w > 0; w /= 2)
+        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+    return acc[0];
 }
 
-void el_axpy_f32(float *y, float alpha, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
+void el_scale(float *x, float a, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] *= a;
 }
 
-void el_axpy_f16(float *y, float alpha, const uint16_t *x, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] += alpha * el_h2f(x[i]);
+void el_axpy(float *restrict y, float a, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-void el_add_f32(float *y, const float *x, int64_t n) {
+// --------------------------------------------------------------------------
+// Element-wise and normalisation
+
+void el_add_f32(float *restrict y, const float *restrict x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += x[i];
 }
-
-// --------------------------------------------------------------------------
-// Normalisation, softmax, activation
 
 void el_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {
     // Sum of squares in double: the mean stays exact to f32 for any width (parity with
@@ -68,20 +117,8 @@ void el_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps
     for (i = 0; i < n; i++) out[i] = x[i] * scale * w[i];
 }
 
-void el_softmax(float *x, int64_t n) {
-    float max = x[0];
-    for (int64_t i = 1; i < n; i++) max = x[i] > max ? x[i] : max;
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        x[i] = expf(x[i] - max);
-        sum += x[i];
-    }
-    const float inv = (float)(1.0 / sum);  // sum >= 1: the max term is exp(0)
-    for (int64_t i = 0; i < n; i++) x[i] *= inv;
-}
-
-void el_silu_mul(float *g, const float *u, int64_t n) {
-    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+void el_silu_mul(float *restrict g, const float *restrict u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + el_expf_inl(-g[i])) * u[i];
 }
 
 // --------------------------------------------------------------------------

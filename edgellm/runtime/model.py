@@ -144,7 +144,7 @@ class Model:
     def close(self) -> None:
         """Free the C model and unmap the file; idempotent. Sessions must be closed first."""
         if self._c is not None:
-            lib.edgellm_model_free(ffi.gc(self._c, None))
+            ffi.release(self._c)  # runs edgellm_model_free now, not at GC
             self._c = None
         self._buffers.clear()
         if self._gguf is not None:
@@ -225,7 +225,7 @@ class Session:
     def close(self) -> None:
         """Free the KV cache and threads; idempotent."""
         if self._c is not None:
-            lib.edgellm_session_free(ffi.gc(self._c, None))
+            ffi.release(self._c)  # runs edgellm_session_free now, not at GC
             self._c = None
 
     def __enter__(self) -> "Session":

@@ -58,19 +58,29 @@ uint16_t el_f32_to_f16(float f) {
 // --------------------------------------------------------------------------
 // Q8_0: d = amax / 127, q = roundf(x / d) (half away from zero), like quantize_row_q8_0_ref
 
+// roundf for |v| < 2^31 without a libm call: truncate, then compare the exact remainder with
+// one half (v + 0.5 would round in f32 and turn 0.49999997 into 1).
+static inline int32_t el_round_half_away(float v) {
+    float a = fabsf(v);
+    int32_t i = (int32_t)a;               // trunc
+    i += (a - (float)i) >= 0.5f;          // a - i is exact for a < 2^23
+    return v < 0.0f ? -i : i;
+}
+
 void el_quantize_row_q8_0(const float *x, el_block_q8_0 *y, int64_t n) {
     int64_t nb = n / EL_QK;
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * EL_QK;  // [32]
         float amax = 0.0f;
         for (int j = 0; j < EL_QK; j++) {
-            amax = fmaxf(amax, fabsf(xb[j]));
+            float a = fabsf(xb[j]);
+            amax = amax > a ? amax : a;  // ggml's MAX
         }
         float d = amax / 127.0f;
         float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = el_f32_to_f16(d);
         for (int j = 0; j < EL_QK; j++) {
-            y[b].qs[j] = (int8_t)roundf(xb[j] * id);
+            y[b].qs[j] = (int8_t)el_round_half_away(xb[j] * id);
         }
     }
 }
