@@ -442,6 +442,9 @@ def test_files_that_are_not_files(tmp_path: Path) -> None:
         read_gguf(tmp_path)
     with pytest.raises(ModelFormatError, match="empty"):
         read_gguf(_write(tmp_path, b""))
+    os.mkfifo(tmp_path / "fifo")  # opening it would block: refused before any open
+    with pytest.raises(InvalidArgumentError, match="not a regular file"):
+        read_gguf(tmp_path / "fifo")
 
 
 def test_a_file_without_tensors_needs_no_data_section(tmp_path: Path) -> None:

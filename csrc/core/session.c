@@ -28,6 +28,9 @@
 // that threads share, merged afterwards flash-decoding style; the cut depends only on the
 // position, so results do not depend on the thread count. At most 16 chunks per head.
 #define EL_ATT_SPLIT_LEN 128
+// The values product runs over whole blocks of 32 positions, the SIMD kernels' unit: the last
+// n % 32 positions go through a zero-padded copy instead of the scalar tail of the kernels.
+#define EL_KV_PAD 32
 #define EL_ATT_MAX_SPLIT 16
 
 // What the current parallel region works on (set by the caller thread before each region).
@@ -56,6 +59,7 @@ typedef struct {
 struct edgellm_session {
     const edgellm_model *m;
     int32_t n_ctx;
+    int32_t n_ctx_pad; // n_ctx rounded up to EL_KV_PAD: the row length of scores
     int32_t kv_type;   // EDGELLM_TYPE_F32 or EDGELLM_TYPE_F16
     int32_t pos;       // positions held in the KV cache
     int32_t chunk;     // tokens per forward pass
@@ -79,7 +83,9 @@ struct edgellm_session {
     float *tmp;        // (chunk, dim) a matmul output before its residual add
     el_block_q8_0 *xq_in;   // (chunk, max_cols / 32) Q8_0 of xn
     el_block_q8_0 *xq_mid;  // (chunk, max_cols / 32) Q8_0 of att or hb
-    float *scores;     // (n_threads, n_rep, n_ctx) attention weights of one unit's heads
+    float *scores;     // (n_threads, n_rep, n_ctx_pad) attention weights of one unit's heads
+    void *vtail;       // (n_threads, head_dim, 32) kv type: the last n % 32 value columns, padded
+    float *otail;      // (n_threads, n_rep, head_dim) the values product over those columns
     float *att_ml;     // (n_threads, 2, n_rep) softmax max and sum of one unit's heads
     float *part_o;     // (n_heads, EL_ATT_MAX_SPLIT, head_dim) unnormalised chunk outputs
     float *part_m;     // (n_heads, EL_ATT_MAX_SPLIT) chunk score maxima
@@ -161,7 +167,9 @@ static size_t el_layout(edgellm_session *s, char *base) {
     s->xq_mid = el_carve(base, &off, ch * q8_row);
     const size_t nth = (size_t)s->n_threads, hd = (size_t)c->head_dim;
     const size_t n_rep = (size_t)(c->n_heads / c->n_kv_heads), nh = (size_t)c->n_heads;
-    s->scores = el_carve(base, &off, nth * n_rep * (size_t)s->n_ctx * f);
+    s->scores = el_carve(base, &off, nth * n_rep * (size_t)s->n_ctx_pad * f);
+    s->vtail = el_carve(base, &off, nth * hd * EL_KV_PAD * f);  // f32 size also fits f16
+    s->otail = el_carve(base, &off, nth * n_rep * hd * f);
     s->att_ml = el_carve(base, &off, nth * 2 * n_rep * f);
     s->part_o = el_carve(base, &off, nh * EL_ATT_MAX_SPLIT * hd * f);
     s->part_m = el_carve(base, &off, nh * EL_ATT_MAX_SPLIT * f);
@@ -206,6 +214,7 @@ int32_t edgellm_session_new(const edgellm_model *m, int32_t n_ctx, int32_t kv_ty
     if (s == NULL) return el_set_error(EDGELLM_STATUS_ERR_NOMEM, "session_new: %zu bytes", sizeof *s);
     s->m = m;
     s->n_ctx = n_ctx;
+    s->n_ctx_pad = (n_ctx + EL_KV_PAD - 1) / EL_KV_PAD * EL_KV_PAD;
     s->kv_type = kv_type;
     s->chunk = n_ctx < EL_CHUNK ? n_ctx : EL_CHUNK;
     s->n_threads = n_threads <= 0 ? el_online_cpus() : n_threads;
@@ -248,7 +257,7 @@ int32_t edgellm_session_truncate(edgellm_session *s, int32_t n_keep) {
     if (n_keep < 0 || n_keep > s->pos)
         return el_set_error(EDGELLM_STATUS_ERR_INVALID_ARG,
                             "truncate: n_keep = %d is outside [0, pos = %d]", n_keep, s->pos);
-    // Positions >= n_keep are simply overwritten by the next eval.
+    // Positions >= n_keep are never read before the next eval overwrites them.
     s->pos = n_keep;
     return EDGELLM_STATUS_OK;
 }
@@ -329,26 +338,43 @@ static void el_attend(edgellm_session *s, int ith, int64_t g, int64_t t, int64_t
                       float *o, size_t o_stride, float *m, float *l, size_t ml_stride) {
     const edgellm_config *c = &s->m->cfg;
     const int64_t hd = c->head_dim, n_rep = c->n_heads / c->n_kv_heads, n_ctx = s->n_ctx;
-    const int64_t n = j1 - j0;
+    const int64_t ldp = s->n_ctx_pad;  // row length of scores
+    const int64_t n = j1 - j0, n_main = n / EL_KV_PAD * EL_KV_PAD, n_tail = n - n_main;
     const float scale = 1.0f / sqrtf((float)hd);
     const el_matmul_fn mm = s->pass.kt->matmul[s->kv_type == EDGELLM_TYPE_F16 ? EL_WK_F16 : EL_WK_F32];
     const size_t elt = s->kv_type == EDGELLM_TYPE_F16 ? sizeof(uint16_t) : sizeof(float);
-    const float *q = s->q + t * s->m->q_dim + g * n_rep * hd;      // (n_rep, head_dim)
-    float *sc = s->scores + (size_t)ith * (size_t)(n_rep * n_ctx);  // (n_rep, n_ctx)
-    const char *K = (const char *)s->kv + el_kv_offset(s, s->pass.layer, 0, g) * elt;  // (n_ctx, hd)
+    const float *q = s->q + t * s->m->q_dim + g * n_rep * hd;       // (n_rep, head_dim)
+    float *sc = s->scores + (size_t)ith * (size_t)(n_rep * ldp);     // (n_rep, n_ctx_pad)
+    const char *K = (const char *)s->kv + el_kv_offset(s, s->pass.layer, 0, g) * elt;   // (n_ctx, hd)
     const char *VT = (const char *)s->kv + el_kv_offset(s, s->pass.layer, 1, g) * elt;  // (hd, n_ctx)
     // Scores: sc[r][j - j0] = K row j . q_r.
-    mm(K + (size_t)j0 * (size_t)hd * elt, (size_t)hd * elt, q, (size_t)hd * sizeof(float), sc, n_ctx,
-       hd, 0, n, n_rep);
-    // Softmax numerators, stable: exp(scale (s - max)).
+    mm(K + (size_t)(j0 * hd) * elt, (size_t)hd * elt, q, (size_t)hd * sizeof(float), sc, ldp, hd,
+       0, n, n_rep);
+    // Softmax numerators, stable: exp(scale (s - max)); zeros after them up to the 32-block.
     for (int64_t r = 0; r < n_rep; r++) {
-        float *sr = sc + r * n_ctx;
+        float *sr = sc + r * ldp;
         m[r * ml_stride] = el_max(sr, n);
         l[r * ml_stride] = el_exp_sum(sr, n, m[r * ml_stride], scale);
+        if (n_tail > 0) memset(sr + n, 0, (size_t)(EL_KV_PAD - n_tail) * sizeof(float));
     }
-    // Values: o_r[d] = V^T row d (positions j0..j1) . sc[r].
-    mm(VT + (size_t)j0 * elt, (size_t)n_ctx * elt, sc, (size_t)n_ctx * sizeof(float), o,
-       (int64_t)o_stride, n, 0, hd, n_rep);
+    // Values: o_r[d] = V^T row d (positions j0..j1) . sc[r], whole 32-blocks from the cache...
+    if (n_main > 0)
+        mm(VT + (size_t)j0 * elt, (size_t)n_ctx * elt, sc, (size_t)ldp * sizeof(float), o,
+           (int64_t)o_stride, n_main, 0, hd, n_rep);
+    else
+        for (int64_t r = 0; r < n_rep; r++) memset(o + r * o_stride, 0, (size_t)hd * sizeof(float));
+    if (n_tail == 0) return;
+    // ...and the last n_tail positions from a zero-padded copy (later positions may hold other
+    // tokens of this pass or stale values, which even a zero score must not touch: 0 * inf).
+    char *vt = (char *)s->vtail + (size_t)ith * (size_t)hd * EL_KV_PAD * sizeof(float);  // (hd, 32)
+    float *ot = s->otail + (size_t)ith * (size_t)(n_rep * hd);                           // (n_rep, hd)
+    for (int64_t d = 0; d < hd; d++) {
+        char *row = vt + (size_t)(d * EL_KV_PAD) * elt;
+        memcpy(row, VT + (size_t)(d * n_ctx + j0 + n_main) * elt, (size_t)n_tail * elt);
+        memset(row + (size_t)n_tail * elt, 0, (size_t)(EL_KV_PAD - n_tail) * elt);
+    }
+    mm(vt, EL_KV_PAD * elt, sc + n_main, (size_t)ldp * sizeof(float), ot, hd, EL_KV_PAD, 0, hd, n_rep);
+    for (int64_t r = 0; r < n_rep; r++) el_add_f32(o + r * o_stride, ot + r * hd, hd);
 }
 
 // Causal grouped-query attention over units (kv head, token, position chunk).

@@ -163,9 +163,10 @@ static int tm_role_present(const tmodel *tm, int32_t role) {
     return 1;
 }
 
-// Builds, registers and finalizes a model (same seed -> same weights).
-static void tm_build(tmodel *tm, const edgellm_config *cfg, int32_t wtype, int bias, int tied,
-                     uint64_t seed) {
+// Builds, registers and finalizes a model (same seed -> same weights); patch, when given, edits
+// the F32 weights after they are drawn and before they are registered.
+static void tm_build_patched(tmodel *tm, const edgellm_config *cfg, int32_t wtype, int bias,
+                             int tied, uint64_t seed, void (*patch)(tmodel *)) {
     memset(tm, 0, sizeof *tm);
     g_rng = seed;
     tm->cfg = *cfg;
@@ -175,17 +176,22 @@ static void tm_build(tmodel *tm, const edgellm_config *cfg, int32_t wtype, int b
     tm->lay = calloc((size_t)cfg->n_layers, sizeof *tm->lay);
     CHECK_STATUS(edgellm_model_new(cfg, &tm->m), EDGELLM_STATUS_OK, NULL);
     for (int32_t role = 0; role < EDGELLM_TENSOR_ATTN_NORM; role++)
-        if (tm_role_present(tm, role)) {
-            tm_fill(tm, role, -1);
-            CHECK_STATUS(tm_register(tm, role, -1), EDGELLM_STATUS_OK, NULL);
-        }
+        if (tm_role_present(tm, role)) tm_fill(tm, role, -1);
     for (int32_t l = 0; l < cfg->n_layers; l++)
         for (int32_t role = EDGELLM_TENSOR_ATTN_NORM; role < EDGELLM_TENSOR_ROLE_COUNT; role++)
-            if (tm_role_present(tm, role)) {
-                tm_fill(tm, role, l);
-                CHECK_STATUS(tm_register(tm, role, l), EDGELLM_STATUS_OK, NULL);
-            }
+            if (tm_role_present(tm, role)) tm_fill(tm, role, l);
+    if (patch != NULL) patch(tm);
+    for (int32_t role = 0; role < EDGELLM_TENSOR_ATTN_NORM; role++)
+        if (tm_role_present(tm, role)) CHECK_STATUS(tm_register(tm, role, -1), EDGELLM_STATUS_OK, NULL);
+    for (int32_t l = 0; l < cfg->n_layers; l++)
+        for (int32_t role = EDGELLM_TENSOR_ATTN_NORM; role < EDGELLM_TENSOR_ROLE_COUNT; role++)
+            if (tm_role_present(tm, role)) CHECK_STATUS(tm_register(tm, role, l), EDGELLM_STATUS_OK, NULL);
     CHECK_STATUS(edgellm_model_finalize(tm->m), EDGELLM_STATUS_OK, NULL);
+}
+
+static void tm_build(tmodel *tm, const edgellm_config *cfg, int32_t wtype, int bias, int tied,
+                     uint64_t seed) {
+    tm_build_patched(tm, cfg, wtype, bias, tied, seed, NULL);
 }
 
 static void tt_free(ttensor *t) {
@@ -520,6 +526,55 @@ static void test_truncate(void) {
     free(fresh);
 }
 
+// Token INF_TOKEN's layer-0 value, dim 0, overflows f16 (8 * 1e4 > 65504): its embedding is
+// e_0 (normalised to sqrt(dim) = 8) and W_v row 0 picks dim 0 times 1e4; no other token has
+// a dim-0 component. Patches F32 weights in place.
+enum { INF_TOKEN = 5 };
+static void patch_inf_value(tmodel *tm) {
+    ttensor *e = &tm->glob[EDGELLM_TENSOR_TOKEN_EMBD];
+    ttensor *wv = &tm->lay[0][EDGELLM_TENSOR_ATTN_V];
+    float *ed = e->data, *wd = wv->data;
+    for (int64_t v = 0; v < e->ne1; v++) ed[v * e->ne0] = e->f[v * e->ne0] = 0.0f;
+    for (int64_t i = 0; i < e->ne0; i++) ed[INF_TOKEN * e->ne0 + i] = e->f[INF_TOKEN * e->ne0 + i] = i == 0;
+    for (int64_t i = 0; i < wv->ne0; i++) wd[i] = wv->f[i] = i == 0 ? 1e4f : 0.0f;
+}
+
+// Attention reads exactly positions 0..pos: a value that overflowed to inf in an F16 cache
+// poisons neither earlier tokens of the same batch (the values product pads its last 32-block,
+// and 0 * inf is NaN) nor anything after a truncate drops it.
+static void test_overflow_isolated(void) {
+    const edgellm_config cfg = small_config();
+    const size_t V = (size_t)cfg.vocab_size;
+    int32_t toks[8] = {1, 2, 3, 4, 6, INF_TOKEN, 7, 8};
+    float *got = malloc(8 * V * sizeof *got), *want = malloc(4 * V * sizeof *want);
+    tmodel tm;
+    tm_build_patched(&tm, &cfg, EDGELLM_TYPE_F32, 0, 0, 1000, patch_inf_value);
+    edgellm_session *s = NULL;
+    CHECK_STATUS(edgellm_session_new(tm.m, 40, EDGELLM_TYPE_F16, 2, &s), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_session_eval(s, toks, 8, EDGELLM_LOGITS_ALL, got), EDGELLM_STATUS_OK, NULL);
+    int finite_before = 1;
+    for (size_t i = 0; i < 5 * V; i++) finite_before &= isfinite(got[i]);
+    CHECK(finite_before);
+    CHECK(!isfinite(got[5 * V]));  // the overflow really happened (and poisons from there on)
+    CHECK_STATUS(edgellm_session_truncate(s, 3), EDGELLM_STATUS_OK, NULL);
+    const int32_t turn[4] = {9, 10, 11, 12};
+    CHECK_STATUS(edgellm_session_eval(s, turn, 1, EDGELLM_LOGITS_ALL, got), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_session_eval(s, turn + 1, 3, EDGELLM_LOGITS_ALL, got + V), EDGELLM_STATUS_OK, NULL);
+    edgellm_session_free(s);
+    CHECK_STATUS(edgellm_session_new(tm.m, 40, EDGELLM_TYPE_F16, 2, &s), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_session_eval(s, toks, 3, EDGELLM_LOGITS_NONE, NULL), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_session_eval(s, turn, 1, EDGELLM_LOGITS_ALL, want), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_session_eval(s, turn + 1, 3, EDGELLM_LOGITS_ALL, want + V), EDGELLM_STATUS_OK, NULL);
+    int finite = 1;
+    for (size_t i = 0; i < 4 * V; i++) finite &= isfinite(got[i]);
+    CHECK(finite);
+    CHECK(memcmp(got, want, 4 * V * sizeof *got) == 0);
+    edgellm_session_free(s);
+    tm_free(&tm);
+    free(got);
+    free(want);
+}
+
 // A full context refuses the eval and changes nothing; the exact remainder still fits.
 static void test_context_full(void) {
     const edgellm_config cfg = small_config();
@@ -809,6 +864,7 @@ int main(void) {
     test_kv_f16();
     test_threads();
     test_truncate();
+    test_overflow_isolated();
     test_context_full();
     printf("test_core: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures != 0;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import mmap
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -452,7 +453,7 @@ class GGUFFile:
         assert self._view is not None  # checked by _info; narrows the type
         return self._view[info.offset : info.offset + info.nbytes]
 
-    def tensor_array(self, name: str) -> np.ndarray:
+    def tensor_array(self, name: str) -> np.ndarray:  # -> [..., ne1, ne0] or [n_rows, row_bytes]
         """A zero-copy read-only numpy view of a tensor.
 
         F32/F16 (and other plain number types) come shaped in numpy order (the GGUF shape
@@ -472,7 +473,10 @@ class GGUFFile:
         view, mm = self._view, self._mm
         self._view = self._mm = None
         if view is not None:
-            view.release()
+            try:
+                view.release()
+            except BufferError:  # pragma: no cover - only slices are handed out
+                pass
         if mm is not None:
             try:
                 mm.close()
@@ -509,19 +513,18 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         InvalidArgumentError: the path does not exist or is not a regular file.
     """
     p = Path(path)
-    if p.is_dir():
-        raise InvalidArgumentError(f"{p} is a directory, not a GGUF file")
     try:
-        fd = os.open(p, os.O_RDONLY)
+        st = os.stat(p)
     except FileNotFoundError:
         raise InvalidArgumentError(f"no such file: {p}") from None
-    except IsADirectoryError:
-        raise InvalidArgumentError(f"{p} is a directory, not a GGUF file") from None
+    # Checked before opening: opening a FIFO would block, a folder can't be mapped.
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidArgumentError(f"{p} is a directory, not a GGUF file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidArgumentError(f"{p} is not a regular file")
+    fd = os.open(p, os.O_RDONLY)
     try:
-        st = os.fstat(fd)
-        if not os.path.isfile(p):
-            raise InvalidArgumentError(f"{p} is not a regular file")
-        if st.st_size == 0:
+        if os.fstat(fd).st_size == 0:
             raise ModelFormatError(f"{p} is empty, not a GGUF file")
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     finally:
@@ -784,7 +787,8 @@ def _numpy_shape_of(src: TensorSource) -> tuple[int, ...]:
 _ENCODE_CHUNK_ELEMENTS = 1 << 22  # encode ~16 MiB of f32 at a time to bound peak memory
 
 
-def _encode_chunks(name: str, arr: np.ndarray, type_id: int) -> Iterator[Any]:
+def _encode_chunks(name: str, arr: np.ndarray,  # [..., ne0] float
+                   type_id: int) -> Iterator[Any]:  # -> chunks of [rows, row_bytes]
     """Yield the encoded bytes of a float array [..., ne0] as ggml type type_id, in row chunks."""
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) \
             or arr.dtype == np.bool_:

@@ -14,7 +14,6 @@ from .. import _native
 from .._native import ffi, lib
 from ..errors import ContextFullError, InvalidArgumentError, StateError
 from ..formats.gguf import GGUFFile, read_gguf
-from .chat import apply_chat_template
 from .config import ModelConfig, tensor_roles
 from .sampler import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
@@ -344,7 +343,7 @@ class Session:
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0
         tok = self.model.tokenizer
-        decoder = StreamDecoder(tok)
+        decoder = StreamDecoder(tok, prev_id=ids[-1])  # spacing depends on what precedes
         eos = set(tok.eos_ids)
         held = ""  # decoded text not yet yielded because it may start a stop string
         stats.stop_reason = "length"
@@ -386,13 +385,7 @@ class Session:
         The whole conversation is re-tokenised each turn; the KV cache keeps the common prefix,
         so earlier turns are not recomputed.
         """
-        tok = self.model.tokenizer
-        text = apply_chat_template(
-            tok.chat_template, messages, add_generation_prompt=True,
-            bos_token=tok.token_text(tok.bos_id) if tok.bos_id is not None else "",
-            eos_token=tok.token_text(tok.eos_id) if tok.eos_id is not None else "",
-        )
-        ids = tok.encode(text, add_bos=None, parse_special=True)
+        ids = self.model.tokenizer.encode_chat(messages)  # BOS only if the template lacks it
         return self.generate(ids, max_tokens, **kwargs)
 
 
