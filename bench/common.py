@@ -78,6 +78,33 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs since boot, from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + (f[4] if len(f) > 4 else 0)  # idle + iowait
+    return sum(f) - idle, sum(f)
+
+
+def cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy over the next `interval` seconds (others' load while we idle)."""
+    try:
+        b0, t0 = _cpu_times()
+        time.sleep(interval)
+        b1, t1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return round((b1 - b0) / max(t1 - t0, 1), 3)
+
+
+def wait_quiet(max_busy: float, timeout: float) -> float:
+    """Wait (up to timeout s) until others keep less than max_busy of the CPUs busy; return it."""
+    deadline = time.monotonic() + timeout
+    busy = cpu_busy()
+    while busy > max_busy and time.monotonic() < deadline:
+        busy = cpu_busy(2.0)
+    return busy
+
+
 def machine() -> dict[str, Any]:
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
             "kernel": platform.release()}
@@ -142,16 +169,16 @@ def weight_bytes_per_token(path: Path) -> dict[str, int]:
 
     With tied embeddings token_embd is also the output matrix, so it is read in full.
     """
-    from edgellm.formats.gguf import read_gguf  # pure Python; needs no compiled core
+    import gguf  # llama.cpp's reader: independent of the edgellm code under test
 
-    with read_gguf(path) as gf:
-        infos = {name: gf.tensors[name] for name in gf.tensors}
-    two_d = {n: i for n, i in infos.items() if len(i.shape) == 2}
-    total = sum(i.nbytes for i in two_d.values())
+    r = gguf.GGUFReader(path)
+    infos = {t.name: t for t in r.tensors}
+    two_d = {n: int(i.n_bytes) for n, i in infos.items() if len(i.shape) == 2}
+    total = sum(two_d.values())
     embd = two_d["token_embd.weight"]
-    row = embd.nbytes // embd.shape[1]  # shape is GGUF order: (dim, vocab_size)
+    row = embd // int(infos["token_embd.weight"].shape[1])  # GGUF order: (dim, vocab_size)
     if "output.weight" in two_d:
-        per_token = total - embd.nbytes + row
+        per_token = total - embd + row
     else:
         per_token = total + row  # tied: token_embd is read in full as the output matrix
     return {"file_bytes": path.stat().st_size, "weight_bytes_2d": total,

@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(common.MODELS), help="comma-separated names")
     ap.add_argument("--types", default=",".join(common.TYPES), help="q8_0,q4_0")
     ap.add_argument("--out", type=Path, default=common.MODELS_DIR)
-    ap.add_argument("--writer", choices=("edgellm", "gguf"), default="edgellm",
-                    help="edgellm.formats.gguf.write_gguf or the gguf package's GGUFWriter")
+    ap.add_argument("--writer", choices=("auto", "edgellm", "gguf"), default="auto",
+                    help="edgellm.formats.gguf.write_gguf or the gguf package's GGUFWriter "
+                         "(auto: edgellm's when it imports; both write identical bytes)")
     ap.add_argument("--force", action="store_true", help="rewrite files that exist")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -187,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     for t in types:
         if t not in GGML_TYPE:
             ap.error(f"unknown type {t!r}; choose from {', '.join(GGML_TYPE)}")
+    if args.writer == "auto":
+        try:
+            from edgellm.formats.gguf import write_gguf  # noqa: F401
+
+            args.writer = "edgellm"
+        except Exception:  # noqa: BLE001 - the package is under development; any failure
+            args.writer = "gguf"
     args.out.mkdir(parents=True, exist_ok=True)
     need = 0
     for m in models:

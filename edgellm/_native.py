@@ -16,6 +16,8 @@ from typing import Any
 from . import errors
 from ._version import __version__
 
+__all__ = ["build_info", "check", "ffi", "isa_names", "lib"]
+
 try:
     from ._edgellm_cffi import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on the install

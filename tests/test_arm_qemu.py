@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pathlib
+import tempfile
 
 import pytest
 
@@ -11,11 +12,15 @@ from support import run_qemu_tests as rq
 
 
 @pytest.fixture(scope="module")
-def arm_build(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    """One aarch64 build of the C tests for this module (a missing tool fails, never skips)."""
-    build_dir = tmp_path_factory.mktemp("arm") / "build-aarch64"
-    rq.build(build_dir)
-    return build_dir
+def arm_results() -> dict[tuple[str, str], rq.RunResult]:
+    """Every C test binary, cross-built once, run on each emulated CPU (two at a time).
+
+    A missing cross compiler or qemu fails here with the apt command; it never skips.
+    """
+    with tempfile.TemporaryDirectory(prefix="edgellm-arm-") as tmp:
+        build_dir = pathlib.Path(tmp) / "build-aarch64"
+        rq.build(build_dir)
+        return {(r.binary, r.cpu): r for r in rq.run_all(build_dir)}
 
 
 def test_missing_tools_name_the_apt_packages(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,11 +39,10 @@ def test_kernel_report_check_catches_a_wrong_isa_set() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu", sorted(rq.CPUS))
-def test_kernels_under_qemu(arm_build: pathlib.Path, cpu: str) -> None:
-    r = rq.run_binary(arm_build / "test_kernels", cpu)
+def test_kernels_under_qemu(arm_results: dict[tuple[str, str], rq.RunResult], cpu: str) -> None:
+    r = arm_results[("test_kernels", cpu)]
     assert r.ok, f"{r.problems}\n{r.output}"
-    tested = rq._isa_line(r.output, "isa tested")
-    assert tested == rq.CPUS[cpu]["tested"]
+    assert rq._isa_line(r.output, "isa tested") == rq.CPUS[cpu]["tested"]
     assert "0 failed" in r.output
     if cpu == "cortex-a53":
         assert "asimddp" not in (rq._isa_line(r.output, "cpu features") or [])
@@ -46,9 +50,8 @@ def test_kernels_under_qemu(arm_build: pathlib.Path, cpu: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cpu", sorted(rq.CPUS))
-def test_every_c_test_under_qemu(arm_build: pathlib.Path, cpu: str) -> None:
-    others = [b for b in rq.test_binaries(arm_build) if b.name != "test_kernels"]
+def test_every_c_test_under_qemu(arm_results: dict[tuple[str, str], rq.RunResult], cpu: str) -> None:
+    others = [r for (binary, c), r in arm_results.items() if c == cpu and binary != "test_kernels"]
     assert others, "expected the forward's C test (test_core) as well"
-    for binary in others:
-        r = rq.run_binary(binary, cpu)
-        assert r.ok, f"{binary.name} on {cpu}:\n{r.output[-4000:]}"
+    for r in others:
+        assert r.ok, f"{r.binary} on {cpu}:\n{r.output[-4000:]}"

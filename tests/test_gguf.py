@@ -262,7 +262,11 @@ def test_ggml_type_table_matches_the_gguf_package() -> None:
     assert ours == theirs
     for t in GGMLType:
         assert t.name == QT(int(t)).name
-    for t in RUNNABLE_TYPES:  # and the C core agrees on the types it runs
+    lib = _native.lib  # the C enum mirrors ggml's ids for the types edgellm runs
+    assert (quant.F32, quant.F16, quant.Q8_0, quant.Q4_0) == (
+        lib.EDGELLM_TYPE_F32, lib.EDGELLM_TYPE_F16, lib.EDGELLM_TYPE_Q8_0, lib.EDGELLM_TYPE_Q4_0)
+    assert set(quant.TYPES.values()) == set(RUNNABLE_TYPES)
+    for t in RUNNABLE_TYPES:  # and the C core agrees on their block layouts
         block, nbytes = GGML_BLOCK[t]
         assert _native.lib.edgellm_type_block_size(int(t)) == block
         assert _native.lib.edgellm_type_block_bytes(int(t)) == nbytes
@@ -572,6 +576,7 @@ def test_writer_rejects_bad_arguments_and_leaves_nothing(tmp_path: Path, case: s
 def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
     out = tmp_path / "o.gguf"
     write_gguf(out, _m(), [("w", np.ones(32, np.float32), 0)])
+    assert out.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
     before = out.read_bytes()
 
     def boom() -> np.ndarray:
@@ -624,7 +629,7 @@ def test_quant_argument_errors() -> None:
     assert quant.row_bytes(quant.F16, 5) == 10
     with pytest.raises(InvalidArgumentError, match="multiple of the block size 32"):
         quant.row_bytes(quant.Q4_0, 40)
-    with pytest.raises(UnsupportedError, match="12"):
+    with pytest.raises(UnsupportedError, match="Q4_K is not a type edgellm encodes"):
         quant.quantize(np.zeros(256, np.float32), int(GGMLType.Q4_K))
     with pytest.raises(InvalidArgumentError, match="needs 68"):
         quant.dequantize(b"\0" * 67, quant.Q8_0, (64,))

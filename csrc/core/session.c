@@ -28,10 +28,10 @@
 // that threads share, merged afterwards flash-decoding style; the cut depends only on the
 // position, so results do not depend on the thread count. At most 16 chunks per head.
 #define EL_ATT_SPLIT_LEN 128
+#define EL_ATT_MAX_SPLIT 16
 // The values product runs over whole blocks of 32 positions, the SIMD kernels' unit: the last
 // n % 32 positions go through a zero-padded copy instead of the scalar tail of the kernels.
 #define EL_KV_PAD 32
-#define EL_ATT_MAX_SPLIT 16
 
 // What the current parallel region works on (set by the caller thread before each region).
 typedef struct {
@@ -219,7 +219,7 @@ int32_t edgellm_session_new(const edgellm_model *m, int32_t n_ctx, int32_t kv_ty
     s->chunk = n_ctx < EL_CHUNK ? n_ctx : EL_CHUNK;
     s->n_threads = n_threads <= 0 ? el_online_cpus() : n_threads;
     s->kv_bytes = kv_bytes;
-    // calloc: pages of a long context are only committed once positions reach them.
+    // calloc: the pages of key rows past the positions in use are not committed until reached.
     s->kv = calloc(1, kv_bytes);
     const size_t arena_bytes = el_layout(s, NULL);
     s->arena = aligned_alloc(EL_ALIGN, arena_bytes);

@@ -352,6 +352,17 @@ static void test_isa_matmul(const el_kernel_table *k) {
                      k->name, el_wk_names[wk], exact ? "bit-exact" : "tolerance", bad, cases);
         }
     }
+    // rows wider than one pass of prepared activations (8192 columns for 4-token tiles, 32768
+    // when decoding): the kernels add column passes into y. Tolerance only (past the exact bound).
+    static const int64_t wide[][3] = {{2, 8224, 4}, {3, 8256, 6}, {1, 32800, 1}};
+    for (int wk = EL_WK_Q4_0; wk <= EL_WK_Q8_0; wk++) {
+        int bad = 0;
+        for (int i = 0; i < EL_LEN(wide); i++) {
+            bad += el_run_case(k, wk, wide[i][0], wide[i][1], wide[i][2], 0, &rng);
+        }
+        EL_CHECK(bad == 0, "%s %s: %d outputs of wide rows differ from generic", k->name,
+                 el_wk_names[wk], bad);
+    }
 }
 
 // --------------------------------------------------------------------------

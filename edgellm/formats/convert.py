@@ -12,12 +12,11 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import InvalidArgumentError, ModelFormatError, PickleRefusedError, UnsupportedError
-from . import gguf
+from . import gguf, quant
 from .gguf import GGMLType, LazyTensor, RawTensor, TensorSource
 
 # --type name -> ggml tensor type for 2-D weights, and general.file_type (llama_ftype).
-TYPES: dict[str, GGMLType] = {"f32": GGMLType.F32, "f16": GGMLType.F16,
-                              "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0}
+TYPES: dict[str, GGMLType] = quant.TYPES
 FILE_TYPES: dict[GGMLType, int] = {GGMLType.F32: 0, GGMLType.F16: 1, GGMLType.Q4_0: 2,
                                    GGMLType.Q8_0: 7}
 QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION, for files holding Q4_0/Q8_0 blocks
@@ -29,7 +28,7 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def detect_source(src: str | os.PathLike[str]) -> str:
-    """"hf" (a folder), "gguf" (GGUF magic) or "llama2c" (any other file); pickle refused.
+    """The importer a source needs: "hf" (a folder), "gguf" (GGUF magic) or "llama2c".
 
     Raises:
         PickleRefusedError: a pickle/torch checkpoint file, or a folder of only those.
@@ -207,8 +206,6 @@ def _decoder(f: gguf.GGUFFile, name: str) -> Any:
         if info.type == GGMLType.BF16:
             raw = np.frombuffer(f.tensor_bytes(name), dtype="<u2").reshape(shape)
             return (raw.astype(np.uint32) << 16).view(np.float32)
-        from . import quant
-
         return quant.dequantize(f.tensor_bytes(name), info.type, shape)
 
     return load

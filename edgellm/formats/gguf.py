@@ -9,7 +9,7 @@ import os
 import stat
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Union
@@ -20,6 +20,15 @@ if TYPE_CHECKING:  # annotations only: typing_extensions is not a runtime depend
     from typing_extensions import Self
 
 from ..errors import InvalidArgumentError, ModelFormatError, StateError, UnsupportedError
+from . import quant
+from .quant import GGML_BLOCK, RUNNABLE_TYPES, GGMLType, ggml_nbytes, ggml_type_name
+
+__all__ = [
+    "DEFAULT_ALIGNMENT", "GGML_BLOCK", "GGUF_MAGIC", "GGUF_VERSION", "RUNNABLE_TYPES",
+    "GGMLType", "GGUFFile", "GGUFValue", "GGUFValueType", "ImportedModel", "LazyTensor",
+    "RawTensor", "TensorInfo", "TensorSource", "check_runnable", "ggml_nbytes",
+    "ggml_type_name", "read_gguf", "write_gguf",
+]
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3  # what write_gguf writes; v2 has the same layout and is read too
@@ -57,138 +66,30 @@ class GGUFValueType(enum.IntEnum):
     FLOAT64 = 12
 
 
-# Little-endian numpy dtype of each fixed-size value type.
-_VALUE_DTYPE: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "<u1",
-    GGUFValueType.INT8: "<i1",
-    GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2",
-    GGUFValueType.UINT32: "<u4",
-    GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4",
-    GGUFValueType.BOOL: "<u1",
-    GGUFValueType.UINT64: "<u8",
-    GGUFValueType.INT64: "<i8",
-    GGUFValueType.FLOAT64: "<f8",
-}
-# struct codes for the same dtypes, for single values.
+# Little-endian numpy dtype, and struct code, of each fixed-size value type.
+_VALUE_DTYPE: dict[GGUFValueType, str] = dict(zip(
+    (GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+     GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.FLOAT32, GGUFValueType.BOOL,
+     GGUFValueType.UINT64, GGUFValueType.INT64, GGUFValueType.FLOAT64),
+    ("<u1", "<i1", "<u2", "<i2", "<u4", "<i4", "<f4", "<u1", "<u8", "<i8", "<f8")))
 _STRUCT_CODE = {"<u1": "<B", "<i1": "<b", "<u2": "<H", "<i2": "<h", "<u4": "<I", "<i4": "<i",
                 "<f4": "<f", "<u8": "<Q", "<i8": "<q", "<f8": "<d"}
 _VALUE_STRUCT: dict[GGUFValueType, struct.Struct] = {
     t: struct.Struct(_STRUCT_CODE[d]) for t, d in _VALUE_DTYPE.items()}
 _INT_RANGE: dict[GGUFValueType, tuple[int, int]] = {
-    GGUFValueType.UINT8: (0, 2**8 - 1),
-    GGUFValueType.INT8: (-(2**7), 2**7 - 1),
-    GGUFValueType.UINT16: (0, 2**16 - 1),
-    GGUFValueType.INT16: (-(2**15), 2**15 - 1),
-    GGUFValueType.UINT32: (0, 2**32 - 1),
-    GGUFValueType.INT32: (-(2**31), 2**31 - 1),
-    GGUFValueType.UINT64: (0, 2**64 - 1),
-    GGUFValueType.INT64: (-(2**63), 2**63 - 1),
-}
+    t: (int(np.iinfo(d).min), int(np.iinfo(d).max))
+    for t, d in _VALUE_DTYPE.items() if d[1] in "ui" and t != GGUFValueType.BOOL}
 _FLOAT_TYPES = (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64)
 # Fewest bytes one array element of each type takes (a string is at least its u64 length).
 _MIN_ITEM_BYTES = {**{t: np.dtype(d).itemsize for t, d in _VALUE_DTYPE.items()},
                    GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
 
 
-class GGMLType(enum.IntEnum):
-    """ggml tensor type ids, as stored in GGUF tensor infos (ggml.h enum ggml_type)."""
-
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q8_1 = 9
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    Q8_K = 15
-    IQ2_XXS = 16
-    IQ2_XS = 17
-    IQ3_XXS = 18
-    IQ1_S = 19
-    IQ4_NL = 20
-    IQ3_S = 21
-    IQ2_S = 22
-    IQ4_XS = 23
-    I8 = 24
-    I16 = 25
-    I32 = 26
-    I64 = 27
-    F64 = 28
-    IQ1_M = 29
-    BF16 = 30
-    TQ1_0 = 34
-    TQ2_0 = 35
-    MXFP4 = 39
-    NVFP4 = 40
-    Q1_0 = 41
-
-
-# (elements per block, bytes per block) for every ggml type, so shapes of types edgellm does
-# not run are still validated. Values are the ggml block layouts (ggml-common.h).
-GGML_BLOCK: dict[GGMLType, tuple[int, int]] = {
-    GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.Q4_0: (32, 18),
-    GGMLType.Q4_1: (32, 20), GGMLType.Q5_0: (32, 22), GGMLType.Q5_1: (32, 24),
-    GGMLType.Q8_0: (32, 34), GGMLType.Q8_1: (32, 40), GGMLType.Q2_K: (256, 84),
-    GGMLType.Q3_K: (256, 110), GGMLType.Q4_K: (256, 144), GGMLType.Q5_K: (256, 176),
-    GGMLType.Q6_K: (256, 210), GGMLType.Q8_K: (256, 292), GGMLType.IQ2_XXS: (256, 66),
-    GGMLType.IQ2_XS: (256, 74), GGMLType.IQ3_XXS: (256, 98), GGMLType.IQ1_S: (256, 50),
-    GGMLType.IQ4_NL: (32, 18), GGMLType.IQ3_S: (256, 110), GGMLType.IQ2_S: (256, 82),
-    GGMLType.IQ4_XS: (256, 136), GGMLType.I8: (1, 1), GGMLType.I16: (1, 2),
-    GGMLType.I32: (1, 4), GGMLType.I64: (1, 8), GGMLType.F64: (1, 8),
-    GGMLType.IQ1_M: (256, 56), GGMLType.BF16: (1, 2), GGMLType.TQ1_0: (256, 54),
-    GGMLType.TQ2_0: (256, 66), GGMLType.MXFP4: (32, 17), GGMLType.NVFP4: (64, 36),
-    GGMLType.Q1_0: (128, 18),
-}
-# Ids ggml once used and removed; named in errors so users know why their file fails.
-GGML_REMOVED: dict[int, str] = {4: "Q4_2", 5: "Q4_3", 31: "Q4_0_4_4", 32: "Q4_0_4_8",
-                                33: "Q4_0_8_8", 36: "IQ4_NL_4_4", 37: "IQ4_NL_4_8",
-                                38: "IQ4_NL_8_8"}
-# The types edgellm's C core runs (edgellm.h edgellm_type).
-RUNNABLE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.Q4_0, GGMLType.Q8_0})
 # numpy dtype for types whose elements are plain numbers (tensor_array shapes these).
 _PLAIN_DTYPE: dict[GGMLType, str] = {
     GGMLType.F32: "<f4", GGMLType.F16: "<f2", GGMLType.F64: "<f8", GGMLType.I8: "<i1",
     GGMLType.I16: "<i2", GGMLType.I32: "<i4", GGMLType.I64: "<i8",
 }
-
-
-def ggml_type_name(type_id: int) -> str:
-    """Name of a ggml type id ("Q8_0"), or a description of an unknown or removed one."""
-    if type_id in GGML_BLOCK:
-        return GGMLType(type_id).name
-    if type_id in GGML_REMOVED:
-        return f"{GGML_REMOVED[type_id]} (removed from ggml)"
-    return f"unknown ggml type {type_id}"
-
-
-def ggml_nbytes(type_id: int, shape: Sequence[int]) -> int:
-    """Bytes a tensor of this ggml type and GGUF-order shape (ne0 first) takes.
-
-    Raises:
-        UnsupportedError: an unknown type id.
-        InvalidArgumentError: ne0 is not a multiple of the type's block size, or a dim < 1.
-    """
-    if type_id not in GGML_BLOCK:
-        raise UnsupportedError(f"{ggml_type_name(type_id)} is not a tensor type edgellm knows")
-    block, block_bytes = GGML_BLOCK[GGMLType(type_id)]
-    if not shape or any(int(d) < 1 for d in shape):
-        raise InvalidArgumentError(f"tensor shape {tuple(shape)} must have dims >= 1")
-    if shape[0] % block:
-        raise InvalidArgumentError(
-            f"row length {shape[0]} is not a multiple of {GGMLType(type_id).name}'s block "
-            f"size {block}")
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n // block * block_bytes
 
 
 def check_runnable(info: TensorInfo) -> None:
@@ -439,19 +340,17 @@ class GGUFFile:
     def closed(self) -> bool:
         return self._view is None
 
-    def _info(self, name: str) -> TensorInfo:
+    def _info(self, name: str) -> tuple[TensorInfo, memoryview]:
         if self._view is None:
             raise StateError(f"{self.path} is closed")
         info = self.tensors.get(name)
         if info is None:
             raise InvalidArgumentError(f"{self.path} has no tensor named {name!r}")
-        return info
+        return info, self._view[info.offset : info.offset + info.nbytes]
 
     def tensor_bytes(self, name: str) -> memoryview:
         """The raw bytes of a tensor: a read-only, zero-copy slice of the mapping."""
-        info = self._info(name)
-        assert self._view is not None  # checked by _info; narrows the type
-        return self._view[info.offset : info.offset + info.nbytes]
+        return self._info(name)[1]
 
     def tensor_array(self, name: str) -> np.ndarray:  # -> [..., ne1, ne0] or [n_rows, row_bytes]
         """A zero-copy read-only numpy view of a tensor.
@@ -460,8 +359,7 @@ class GGUFFile:
         reversed: [..., rows, ne0]); block-quantised types come as raw uint8
         [n_rows, row_bytes] where n_rows = n_elements / ne0.
         """
-        info = self._info(name)
-        raw = self.tensor_bytes(name)
+        info, raw = self._info(name)
         t = GGMLType(info.type)
         if t in _PLAIN_DTYPE:
             return np.frombuffer(raw, dtype=_PLAIN_DTYPE[t]).reshape(info.shape[::-1])
@@ -770,43 +668,15 @@ def _pack_numeric_array(key: str, it: GGUFValueType, items: Any) -> bytes:
         if src.size and (int(src.min()) < lo or int(src.max()) > hi):
             raise InvalidArgumentError(f"metadata {key!r}: a value does not fit {it.name}")
         return src.astype(dt).tobytes()
-    if src.size and not (np.issubdtype(src.dtype, np.floating)
-                         or np.issubdtype(src.dtype, np.integer)) or src.dtype == np.bool_:
+    numeric = np.issubdtype(src.dtype, np.floating) or np.issubdtype(src.dtype, np.integer)
+    if src.size and (not numeric or src.dtype == np.bool_):
         raise InvalidArgumentError(f"metadata {key!r}: {it.name} arrays need numbers")
     return src.astype(dt).tobytes()
 
 
 def _numpy_shape_of(src: TensorSource) -> tuple[int, ...]:
-    if isinstance(src, np.ndarray):
-        return tuple(int(d) for d in src.shape)
-    if isinstance(src, LazyTensor):
-        return tuple(int(d) for d in src.shape)
-    return tuple(int(d) for d in src.shape[::-1])
-
-
-_ENCODE_CHUNK_ELEMENTS = 1 << 22  # encode ~16 MiB of f32 at a time to bound peak memory
-
-
-def _encode_chunks(name: str, arr: np.ndarray,  # [..., ne0] float
-                   type_id: int) -> Iterator[Any]:  # -> chunks of [rows, row_bytes]
-    """Yield the encoded bytes of a float array [..., ne0] as ggml type type_id, in row chunks."""
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) \
-            or arr.dtype == np.bool_:
-        raise InvalidArgumentError(f"tensor {name!r}: cannot encode numpy {arr.dtype} data")
-    ne0 = arr.shape[-1]
-    rows = arr.reshape(-1, ne0)
-    step = max(1, _ENCODE_CHUNK_ELEMENTS // ne0)
-    for r0 in range(0, rows.shape[0], step):
-        chunk = rows[r0 : r0 + step]
-        if type_id == GGMLType.F32:
-            yield np.ascontiguousarray(chunk, dtype="<f4")
-        elif type_id == GGMLType.F16:
-            # IEEE round-to-nearest-even, the same as ggml's fp32 -> fp16 conversion.
-            yield np.ascontiguousarray(chunk.astype("<f4").astype("<f2"))
-        else:
-            from . import quant  # needs the compiled core; reading GGUF does not
-
-            yield quant.quantize(np.ascontiguousarray(chunk, dtype=np.float32), type_id)
+    shape = src.shape[::-1] if isinstance(src, RawTensor) else src.shape  # RawTensor: GGUF order
+    return tuple(int(d) for d in shape)
 
 
 def write_gguf(path: str | os.PathLike[str], metadata: Mapping[str, Any],
@@ -911,6 +781,7 @@ def write_gguf(path: str | os.PathLike[str], metadata: Mapping[str, Any],
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a model file is meant to be shared
         with os.fdopen(fd, "wb") as f:
             pos = 0
             for b in header:
@@ -928,9 +799,12 @@ def write_gguf(path: str | os.PathLike[str], metadata: Mapping[str, Any],
                         raise InvalidArgumentError(
                             f"tensor {name!r}: loaded data has shape "
                             f"{getattr(arr, 'shape', None)}, expected {gshape[::-1]}")
-                    for chunk in _encode_chunks(name, arr, type_id):
-                        f.write(chunk.data)
-                        written += chunk.nbytes
+                    try:
+                        for chunk in quant.encode_rows(arr, type_id):
+                            f.write(chunk.data)
+                            written += chunk.nbytes
+                    except InvalidArgumentError as exc:
+                        raise InvalidArgumentError(f"tensor {name!r}: {exc}") from None
                 if written != nbytes:  # an internal invariant: the encoder's size is fixed
                     raise InvalidArgumentError(
                         f"tensor {name!r}: encoded {written} bytes, expected {nbytes}")

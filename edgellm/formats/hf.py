@@ -64,8 +64,16 @@ class SafetensorsFile:
             raw = f.read(hlen)
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
+            self._parse(raw, size)
+        except BaseException:
+            self._mm.close()
+            raise
+
+    def _parse(self, raw: bytes, size: int) -> None:
+        p = self.path
+        try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ModelFormatError(f"{p}: safetensors header is not valid JSON: {exc}") from None
         if not isinstance(header, dict):
             raise ModelFormatError(f"{p}: safetensors header is not a JSON object")
@@ -73,7 +81,7 @@ class SafetensorsFile:
         if meta is not None and not isinstance(meta, dict):
             raise ModelFormatError(f"{p}: safetensors __metadata__ is not an object")
         self.metadata: dict[str, Any] = dict(meta or {})
-        base = 8 + hlen
+        base = 8 + len(raw)
         self.tensors: dict[str, SafetensorInfo] = {}
         for name, entry in header.items():
             self.tensors[name] = self._check_entry(name, entry, base, size)
@@ -146,7 +154,7 @@ def refuse_pickle(folder: Path) -> None:
 def _load_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelFormatError(f"{path}: not valid JSON: {exc}") from None
 
 

@@ -13,6 +13,7 @@ test_kernels checks itself). Exit status 0 only when every binary passes on both
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import pathlib
 import shutil
@@ -116,14 +117,16 @@ def run_binary(binary: pathlib.Path, cpu: str) -> RunResult:
     return RunResult(binary.name, cpu, proc.returncode, output, problems)
 
 
-def run_all(build_dir: pathlib.Path) -> list[RunResult]:
-    """Run every test binary on every CPU in CPUS."""
+def run_all(build_dir: pathlib.Path, jobs: int = 2) -> list[RunResult]:
+    """Run every test binary on every CPU in CPUS, jobs emulators at a time."""
     check_tools(need_compiler=False)
     binaries = test_binaries(build_dir)
     absent = [b.name for b in binaries if not b.is_file()]
     if absent:
         raise FileNotFoundError(f"{build_dir} lacks {absent}; build with --build first")
-    return [run_binary(b, cpu) for cpu in CPUS for b in binaries]
+    runs = [(b, cpu) for cpu in CPUS for b in binaries]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda run: run_binary(*run), runs))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,6 @@
 #endif
 
 #include <immintrin.h>
-#include <string.h>
 
 #include "../generic/generic.h"
 #include "kernels.h"
@@ -17,9 +16,9 @@
 // Rows per chunk when n_tok > EL_TT: the chunk's weights stay in L2 while every token tile
 // passes over them, so weights come from DRAM once per call.
 #define EL_ROW_CHUNK 64
-// Stack bytes for activations prepared once per call: 1024 / nt blocks per pass (32768
-// columns when decoding, 8192 for 4-token tiles); wider rows run in several column passes
-// that add into y.
+// Activation blocks prepared once per call, on the stack (about 41 KiB for Q4_0): 1024 / nt
+// blocks per pass (32768 columns when decoding, 8192 for 4-token tiles); wider rows run in
+// several column passes that add into y.
 #define EL_PREP_BLOCKS 1024
 // Rows ahead whose weights are prefetched into L2 (DRAM latency x bandwidth is a few KiB).
 #define EL_PF_ROWS 4
@@ -73,7 +72,7 @@ typedef struct {
 
 // Prepares blocks [cb, cb + n) (n <= el_pass_blocks(nt)) of nt tokens of x.
 static void el_q4_0_prepare_avx2(el_q4_0_prep *xp, const uint8_t *x, size_t x_row_bytes,
-                                   int64_t cb, int n, int nt) {
+                                 int64_t cb, int n, int nt) {
     const __m256i ones = _mm256_set1_epi8(1);
     const __m256i ones16 = _mm256_set1_epi16(1);
     int pb = el_pass_blocks(nt);
@@ -123,8 +122,8 @@ EL_INLINE __m256 el_q4_0_dw8(const el_block_q4_0 *wb, int gs) {
 // Pair p (blocks 2p, 2p + 1, slot k of its group) of one weight row against nt tokens;
 // s[t]: the group's 8 scale products for token t.
 EL_INLINE void el_q4_0_pair_avx2(__m256 acc[EL_TT], const el_block_q4_0 *wr, int p, int k,
-                                   const el_q4_0_xpair *pair, int pair_stride,
-                                   const __m256 s[EL_TT], int nt) {
+                                 const el_q4_0_xpair *pair, int pair_stride,
+                                 const __m256 s[EL_TT], int nt) {
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const __m256i ones16 = _mm256_set1_epi16(1);
     __m128i ra = _mm_loadu_si128((const __m128i *)wr[2 * p].qs);
@@ -144,9 +143,9 @@ EL_INLINE void el_q4_0_pair_avx2(__m256 acc[EL_TT], const el_block_q4_0 *wr, int
 // Rows [r0, r1) x nt tokens over blocks [cb, cb + n); y gets (accumulate: += ) the dots.
 // Each row runs in groups of 8 blocks, then whole pairs of a last partial group.
 EL_INLINE void el_q4_0_rows_avx2(const uint8_t *w, size_t w_row_bytes, const uint8_t *x,
-                                   size_t x_row_bytes, const el_q4_0_prep *xp, float *y,
-                                   int64_t y_stride, int64_t cb, int n, int64_t r0, int64_t r1,
-                                   int accumulate, const int nt) {
+                                 size_t x_row_bytes, const el_q4_0_prep *xp, float *y,
+                                 int64_t y_stride, int64_t cb, int n, int64_t r0, int64_t r1,
+                                 int accumulate, const int nt) {
     const int pb = el_pass_blocks(nt);
     const int n8 = n & ~7;
     for (int64_t r = r0; r < r1; r++) {
@@ -261,9 +260,9 @@ EL_INLINE void el_q8_0_block_avx2(__m256 acc[EL_TT], const el_block_q8_0 *wr, in
 }
 
 EL_INLINE void el_q8_0_rows_avx2(const uint8_t *w, size_t w_row_bytes, const uint8_t *x,
-                                   size_t x_row_bytes, const el_q8_0_prep *xp, float *y,
-                                   int64_t y_stride, int64_t cb, int n, int64_t r0, int64_t r1,
-                                   int accumulate, const int nt) {
+                                 size_t x_row_bytes, const el_q8_0_prep *xp, float *y,
+                                 int64_t y_stride, int64_t cb, int n, int64_t r0, int64_t r1,
+                                 int accumulate, const int nt) {
     const int pb = el_pass_blocks(nt);
     const int n8 = n & ~7;
     for (int64_t r = r0; r < r1; r++) {
@@ -309,8 +308,8 @@ EL_INLINE void el_q8_0_rows_avx2(const uint8_t *w, size_t w_row_bytes, const uin
 // --------------------------------------------------------------------------
 // F32 / F16 weights x F32 activations (match el_matmul_f32_f32_generic / _f16_f32_generic)
 //
-// Layout: rows of cols floats (or f16 bits, widened with vcvtph2ps), 8 columns per ymm, two
-// independent accumulators per token; the last cols % 16 columns go to the generic dot.
+// Layout: rows of cols floats (or f16 bits, widened with vcvtph2ps), 8 columns per ymm, four
+// independent accumulators per token; the last cols % 8 columns go to the generic dot.
 
 EL_INLINE __m256 el_load_w8(const uint8_t *wr, int64_t c, int is_f16) {
     if (is_f16) {
@@ -322,33 +321,41 @@ EL_INLINE __m256 el_load_w8(const uint8_t *wr, int64_t c, int is_f16) {
 EL_INLINE void el_f32_rows_avx2(const uint8_t *w, size_t w_row_bytes, const uint8_t *x,
                                 size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
                                 int64_t r0, int64_t r1, const int is_f16, const int nt) {
-    int64_t cmain = cols & ~(int64_t)15;
-    size_t esize = is_f16 ? sizeof(uint16_t) : sizeof(float);
+    const int64_t c4 = cols & ~(int64_t)31, c1 = cols & ~(int64_t)7;
+    const size_t esize = is_f16 ? sizeof(uint16_t) : sizeof(float);
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *wr = w + (size_t)r * w_row_bytes;
-        __m256 acc[2][EL_TT];
-        for (int k = 0; k < 2; k++) {
+        __m256 acc[4][EL_TT];  // [slot, token]: independent FMA chains
+        for (int k = 0; k < 4; k++) {
             for (int t = 0; t < EL_TT; t++) {
                 acc[k][t] = _mm256_setzero_ps();
             }
         }
-        for (int64_t c = 0; c < cmain; c += 16) {
-            if (c % 32 == 0) {
-                _mm_prefetch((const char *)wr + EL_PF_ROWS * w_row_bytes + (size_t)c * esize, _MM_HINT_T1);
+        for (int64_t c = 0; c < c4; c += 32) {
+            el_prefetch_l2(wr + EL_PF_ROWS * w_row_bytes + (size_t)c * esize, 32 * esize);
+            __m256 wv[4];
+            for (int k = 0; k < 4; k++) {
+                wv[k] = el_load_w8(wr, c + 8 * k, is_f16);
             }
-            __m256 w0 = el_load_w8(wr, c, is_f16);
-            __m256 w1 = el_load_w8(wr, c + 8, is_f16);
             for (int t = 0; t < nt; t++) {
-                const float *xt = (const float *)(x + (size_t)t * x_row_bytes);
-                acc[0][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt + c), acc[0][t]);
-                acc[1][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + c + 8), acc[1][t]);
+                const float *xt = (const float *)(x + (size_t)t * x_row_bytes) + c;
+                for (int k = 0; k < 4; k++) {
+                    acc[k][t] = _mm256_fmadd_ps(wv[k], _mm256_loadu_ps(xt + 8 * k), acc[k][t]);
+                }
+            }
+        }
+        for (int64_t c = c4; c < c1; c += 8) {  // up to 3 more whole vectors
+            __m256 wv = el_load_w8(wr, c, is_f16);
+            for (int t = 0; t < nt; t++) {
+                acc[0][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps((const float *)(x + (size_t)t * x_row_bytes) + c), acc[0][t]);
             }
         }
         for (int t = 0; t < nt; t++) {
             const float *xt = (const float *)(x + (size_t)t * x_row_bytes);
-            float tail = is_f16 ? el_vec_dot_f16_f32_generic((const uint16_t *)wr + cmain, xt + cmain, cols - cmain)
-                                : el_vec_dot_f32_f32_generic((const float *)wr + cmain, xt + cmain, cols - cmain);
-            y[t * y_stride + r] = el_hsum_ps256(_mm256_add_ps(acc[0][t], acc[1][t])) + tail;
+            float tail = is_f16 ? el_vec_dot_f16_f32_generic((const uint16_t *)wr + c1, xt + c1, cols - c1)
+                                : el_vec_dot_f32_f32_generic((const float *)wr + c1, xt + c1, cols - c1);
+            __m256 a = _mm256_add_ps(_mm256_add_ps(acc[0][t], acc[1][t]), _mm256_add_ps(acc[2][t], acc[3][t]));
+            y[t * y_stride + r] = el_hsum_ps256(a) + tail;
         }
     }
 }
@@ -358,8 +365,8 @@ EL_INLINE void el_f32_rows_avx2(const uint8_t *w, size_t w_row_bytes, const uint
 // registers), row chunks for batched calls, column chunks for the prepared activations.
 
 static void el_q4_0_part_avx2(const uint8_t *w, size_t w_row_bytes, const uint8_t *x,
-                                size_t x_row_bytes, float *y, int64_t y_stride, int64_t nb,
-                                int64_t r0, int64_t r1, int nt) {
+                              size_t x_row_bytes, float *y, int64_t y_stride, int64_t nb,
+                              int64_t r0, int64_t r1, int nt) {
     el_q4_0_prep xp;
     int pb = el_pass_blocks(nt);
     for (int64_t cb = 0; cb < nb; cb += pb) {
@@ -376,8 +383,8 @@ static void el_q4_0_part_avx2(const uint8_t *w, size_t w_row_bytes, const uint8_
 }
 
 static void el_q8_0_part_avx2(const uint8_t *w, size_t w_row_bytes, const uint8_t *x,
-                                size_t x_row_bytes, float *y, int64_t y_stride, int64_t nb,
-                                int64_t r0, int64_t r1, int nt) {
+                              size_t x_row_bytes, float *y, int64_t y_stride, int64_t nb,
+                              int64_t r0, int64_t r1, int nt) {
     el_q8_0_prep xp;
     int pb = el_pass_blocks(nt);
     for (int64_t cb = 0; cb < nb; cb += pb) {
@@ -394,8 +401,8 @@ static void el_q8_0_part_avx2(const uint8_t *w, size_t w_row_bytes, const uint8_
 }
 
 static void el_f32_part_avx2(const uint8_t *w, size_t w_row_bytes, const uint8_t *x,
-                               size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
-                               int64_t r0, int64_t r1, int is_f16, int nt) {
+                             size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
+                             int64_t r0, int64_t r1, int is_f16, int nt) {
     switch (nt * 2 + is_f16) {
         case 2: el_f32_rows_avx2(w, w_row_bytes, x, x_row_bytes, y, y_stride, cols, r0, r1, 0, 1); break;
         case 3: el_f32_rows_avx2(w, w_row_bytes, x, x_row_bytes, y, y_stride, cols, r0, r1, 1, 1); break;
@@ -411,8 +418,8 @@ static void el_f32_part_avx2(const uint8_t *w, size_t w_row_bytes, const uint8_t
 enum { EL_K_F32, EL_K_F16, EL_K_Q4_0, EL_K_Q8_0 };
 
 static void el_matmul_avx2(int kind, const void *w, size_t w_row_bytes, const void *x,
-                             size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
-                             int64_t r0, int64_t r1, int64_t n_tok) {
+                           size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
+                           int64_t r0, int64_t r1, int64_t n_tok) {
     const uint8_t *wb = (const uint8_t *)w;
     const uint8_t *xb = (const uint8_t *)x;
     int64_t chunk = n_tok > EL_TT ? EL_ROW_CHUNK : r1 - r0;
@@ -434,26 +441,26 @@ static void el_matmul_avx2(int kind, const void *w, size_t w_row_bytes, const vo
 }
 
 void el_matmul_f32_f32_avx2(const void *w, size_t w_row_bytes, const void *x, size_t x_row_bytes,
-                              float *y, int64_t y_stride, int64_t cols, int64_t r0, int64_t r1,
-                              int64_t n_tok) {
+                            float *y, int64_t y_stride, int64_t cols, int64_t r0, int64_t r1,
+                            int64_t n_tok) {
     el_matmul_avx2(EL_K_F32, w, w_row_bytes, x, x_row_bytes, y, y_stride, cols, r0, r1, n_tok);
 }
 
 void el_matmul_f16_f32_avx2(const void *w, size_t w_row_bytes, const void *x, size_t x_row_bytes,
-                              float *y, int64_t y_stride, int64_t cols, int64_t r0, int64_t r1,
-                              int64_t n_tok) {
+                            float *y, int64_t y_stride, int64_t cols, int64_t r0, int64_t r1,
+                            int64_t n_tok) {
     el_matmul_avx2(EL_K_F16, w, w_row_bytes, x, x_row_bytes, y, y_stride, cols, r0, r1, n_tok);
 }
 
 void el_matmul_q4_0_q8_0_avx2(const void *w, size_t w_row_bytes, const void *x,
-                                size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
-                                int64_t r0, int64_t r1, int64_t n_tok) {
+                              size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
+                              int64_t r0, int64_t r1, int64_t n_tok) {
     el_matmul_avx2(EL_K_Q4_0, w, w_row_bytes, x, x_row_bytes, y, y_stride, cols, r0, r1, n_tok);
 }
 
 void el_matmul_q8_0_q8_0_avx2(const void *w, size_t w_row_bytes, const void *x,
-                                size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
-                                int64_t r0, int64_t r1, int64_t n_tok) {
+                              size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
+                              int64_t r0, int64_t r1, int64_t n_tok) {
     el_matmul_avx2(EL_K_Q8_0, w, w_row_bytes, x, x_row_bytes, y, y_stride, cols, r0, r1, n_tok);
 }
 

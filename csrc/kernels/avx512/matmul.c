@@ -6,7 +6,6 @@
 #endif
 
 #include <immintrin.h>
-#include <string.h>
 
 #include "../generic/generic.h"
 #include "kernels.h"
@@ -16,9 +15,9 @@
 // Rows per chunk when n_tok > EL_TT: the chunk's weights stay in L2 while every token tile
 // passes over them, so weights come from DRAM once per call.
 #define EL_ROW_CHUNK 64
-// Stack bytes for activations prepared once per call: 1024 / nt blocks per pass (32768
-// columns when decoding, 8192 for 4-token tiles); wider rows run in several column passes
-// that add into y.
+// Activation blocks prepared once per call, on the stack (about 41 KiB for Q4_0): 1024 / nt
+// blocks per pass (32768 columns when decoding, 8192 for 4-token tiles); wider rows run in
+// several column passes that add into y.
 #define EL_PREP_BLOCKS 1024
 // Rows ahead whose weights are prefetched into L2 (DRAM latency x bandwidth is a few KiB).
 #define EL_PF_ROWS 4
@@ -309,8 +308,8 @@ EL_INLINE void el_q8_0_rows_avx512(const uint8_t *w, size_t w_row_bytes, const u
 // --------------------------------------------------------------------------
 // F32 / F16 weights x F32 activations (match el_matmul_f32_f32_generic / _f16_f32_generic)
 //
-// Layout: rows of cols floats (or f16 bits, widened with vcvtph2ps), 16 columns per zmm, two
-// independent accumulators per token; the last cols % 32 columns go to the generic dot.
+// Layout: rows of cols floats (or f16 bits, widened with vcvtph2ps), 16 columns per zmm, four
+// independent accumulators per token; the last cols % 16 columns go to the generic dot.
 
 EL_INLINE __m512 el_load_w16(const uint8_t *wr, int64_t c, int is_f16) {
     if (is_f16) {
@@ -322,31 +321,41 @@ EL_INLINE __m512 el_load_w16(const uint8_t *wr, int64_t c, int is_f16) {
 EL_INLINE void el_f32_rows_avx512(const uint8_t *w, size_t w_row_bytes, const uint8_t *x,
                                   size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
                                   int64_t r0, int64_t r1, const int is_f16, const int nt) {
-    int64_t cmain = cols & ~(int64_t)31;
-    size_t esize = is_f16 ? sizeof(uint16_t) : sizeof(float);
+    const int64_t c4 = cols & ~(int64_t)63, c1 = cols & ~(int64_t)15;
+    const size_t esize = is_f16 ? sizeof(uint16_t) : sizeof(float);
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *wr = w + (size_t)r * w_row_bytes;
-        __m512 acc[2][EL_TT];
-        for (int k = 0; k < 2; k++) {
+        __m512 acc[4][EL_TT];  // [slot, token]: independent FMA chains
+        for (int k = 0; k < 4; k++) {
             for (int t = 0; t < EL_TT; t++) {
                 acc[k][t] = _mm512_setzero_ps();
             }
         }
-        for (int64_t c = 0; c < cmain; c += 32) {
-            _mm_prefetch((const char *)wr + EL_PF_ROWS * w_row_bytes + (size_t)c * esize, _MM_HINT_T1);
-            __m512 w0 = el_load_w16(wr, c, is_f16);
-            __m512 w1 = el_load_w16(wr, c + 16, is_f16);
+        for (int64_t c = 0; c < c4; c += 64) {
+            el_prefetch_l2(wr + EL_PF_ROWS * w_row_bytes + (size_t)c * esize, 64 * esize);
+            __m512 wv[4];
+            for (int k = 0; k < 4; k++) {
+                wv[k] = el_load_w16(wr, c + 16 * k, is_f16);
+            }
             for (int t = 0; t < nt; t++) {
-                const float *xt = (const float *)(x + (size_t)t * x_row_bytes);
-                acc[0][t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt + c), acc[0][t]);
-                acc[1][t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + c + 16), acc[1][t]);
+                const float *xt = (const float *)(x + (size_t)t * x_row_bytes) + c;
+                for (int k = 0; k < 4; k++) {
+                    acc[k][t] = _mm512_fmadd_ps(wv[k], _mm512_loadu_ps(xt + 16 * k), acc[k][t]);
+                }
+            }
+        }
+        for (int64_t c = c4; c < c1; c += 16) {  // up to 3 more whole vectors
+            __m512 wv = el_load_w16(wr, c, is_f16);
+            for (int t = 0; t < nt; t++) {
+                acc[0][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps((const float *)(x + (size_t)t * x_row_bytes) + c), acc[0][t]);
             }
         }
         for (int t = 0; t < nt; t++) {
             const float *xt = (const float *)(x + (size_t)t * x_row_bytes);
-            float tail = is_f16 ? el_vec_dot_f16_f32_generic((const uint16_t *)wr + cmain, xt + cmain, cols - cmain)
-                                : el_vec_dot_f32_f32_generic((const float *)wr + cmain, xt + cmain, cols - cmain);
-            y[t * y_stride + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][t], acc[1][t])) + tail;
+            float tail = is_f16 ? el_vec_dot_f16_f32_generic((const uint16_t *)wr + c1, xt + c1, cols - c1)
+                                : el_vec_dot_f32_f32_generic((const float *)wr + c1, xt + c1, cols - c1);
+            __m512 a = _mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]), _mm512_add_ps(acc[2][t], acc[3][t]));
+            y[t * y_stride + r] = _mm512_reduce_add_ps(a) + tail;
         }
     }
 }

@@ -58,10 +58,15 @@ uint16_t el_f32_to_f16(float f) {
 // --------------------------------------------------------------------------
 // Q8_0: d = amax / 127, q = roundf(x / d) (half away from zero), like quantize_row_q8_0_ref
 
-// roundf for |v| < 2^31 without a libm call: truncate, then compare the exact remainder with
-// one half (v + 0.5 would round in f32 and turn 0.49999997 into 1).
+// roundf without a libm call: truncate, then compare the exact remainder with one half
+// (v + 0.5 would round in f32 and turn 0.49999997 into 1). Only |v| <= 127.5 occurs for
+// finite scales; inf/NaN (a subnormal d makes 1 / d overflow) give 0, as ggml and NumPy do
+// on x86, instead of an undefined conversion.
 static inline int32_t el_round_half_away(float v) {
     float a = fabsf(v);
+    if (!(a < 256.0f)) {
+        return 0;
+    }
     int32_t i = (int32_t)a;               // trunc
     i += (a - (float)i) >= 0.5f;          // a - i is exact for a < 2^23
     return v < 0.0f ? -i : i;
@@ -99,13 +104,25 @@ void el_dequantize_row_q8_0(const el_block_q8_0 *x, float *y, int64_t n) {
 // Q4_0: d = (signed value of largest magnitude) / -8, q = min(15, trunc(x / d + 8.5)),
 // like quantize_row_q4_0_ref; byte j packs elements j (low nibble) and j + 16 (high nibble).
 
+// min(15, trunc(v)) for v = x / d + 8.5 in [0.5, 16.5]; inf/NaN (from a subnormal d) give 0,
+// as ggml and NumPy do on x86, instead of an undefined conversion.
+static inline int el_q4_nibble(float v) {
+    if (!(v >= 0.0f && v < 256.0f)) {
+        return 0;
+    }
+    int q = (int)v;
+    return q < 15 ? q : 15;
+}
+
 void el_quantize_row_q4_0(const float *x, el_block_q4_0 *y, int64_t n) {
     int64_t nb = n / EL_QK;
     for (int64_t b = 0; b < nb; b++) {
         const float *xb = x + b * EL_QK;  // [32]
-        float amax = 0.0f;
-        float max = 0.0f;  // the first element of largest magnitude, with its sign
-        for (int j = 0; j < EL_QK; j++) {
+        // the first element of largest magnitude, with its sign (NumPy's argmax; ggml starts
+        // from +0 instead, which differs only in the sign of d for a block of -0s)
+        float max = xb[0];
+        float amax = fabsf(xb[0]);
+        for (int j = 1; j < EL_QK; j++) {
             if (amax < fabsf(xb[j])) {
                 amax = fabsf(xb[j]);
                 max = xb[j];
@@ -118,11 +135,7 @@ void el_quantize_row_q4_0(const float *x, el_block_q4_0 *y, int64_t n) {
             // volatile keeps x * id rounded before the + 8.5 (no FMA contraction), as in NumPy
             volatile float s0 = xb[j] * id;
             volatile float s1 = xb[j + EL_QK / 2] * id;
-            int q0 = (int)(s0 + 8.5f);
-            int q1 = (int)(s1 + 8.5f);
-            q0 = q0 < 15 ? q0 : 15;
-            q1 = q1 < 15 ? q1 : 15;
-            y[b].qs[j] = (uint8_t)(q0 | (q1 << 4));
+            y[b].qs[j] = (uint8_t)(el_q4_nibble(s0 + 8.5f) | (el_q4_nibble(s1 + 8.5f) << 4));
         }
     }
 }

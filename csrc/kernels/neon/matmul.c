@@ -5,7 +5,6 @@
 #endif
 
 #include <arm_neon.h>
-#include <string.h>
 
 #include "../generic/generic.h"
 #include "kernels.h"

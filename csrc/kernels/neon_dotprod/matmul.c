@@ -5,7 +5,6 @@
 #endif
 
 #include <arm_neon.h>
-#include <string.h>
 
 #include "../generic/generic.h"
 #include "kernels.h"
@@ -43,7 +42,7 @@ typedef struct {
 
 // Prepares blocks [cb, cb + n) of nt tokens of x (rows of x_row_bytes).
 static void el_prepare_neon_dotprod(el_neon_prep *xp, const uint8_t *x, size_t x_row_bytes, int64_t cb,
-                            int n, int nt, int with_c) {
+                                    int n, int nt, int with_c) {
     int pb = el_pass_blocks(nt);
     for (int t = 0; t < nt; t++) {
         const el_block_q8_0 *xb = (const el_block_q8_0 *)(x + (size_t)t * x_row_bytes) + cb;
@@ -93,8 +92,8 @@ EL_INLINE float32x4_t el_fma_lane(float32x4_t acc, float32x4_t v, float32x4_t s,
 // c = d_x * (-8 * sum(x)). Blocks go 4 at a time, so one f16 -> f32 conversion covers 4 scales.
 
 EL_INLINE void el_q4_0_block_neon_dotprod(float32x4_t acc[EL_TT], const el_block_q4_0 *wb,
-                                  const uint8_t *x, size_t x_row_bytes, int64_t j,
-                                  const float32x4_t s[EL_TT], int lane, int nt) {
+                                          const uint8_t *x, size_t x_row_bytes, int64_t j,
+                                          const float32x4_t s[EL_TT], int lane, int nt) {
     uint8x16_t raw = vld1q_u8(wb->qs);
     int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0f)));
     int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
@@ -113,8 +112,8 @@ EL_INLINE void el_q4_0_block_neon_dotprod(float32x4_t acc[EL_TT], const el_block
 // partial dots in 4 lanes.
 
 EL_INLINE void el_q8_0_block_neon_dotprod(float32x4_t acc[EL_TT], const el_block_q8_0 *wb,
-                                  const uint8_t *x, size_t x_row_bytes, int64_t j,
-                                  const float32x4_t s[EL_TT], int lane, int nt) {
+                                          const uint8_t *x, size_t x_row_bytes, int64_t j,
+                                          const float32x4_t s[EL_TT], int lane, int nt) {
     int8x16_t w0 = vld1q_s8(wb->qs), w1 = vld1q_s8(wb->qs + 16);
     for (int t = 0; t < nt; t++) {
         const el_block_q8_0 *xb = (const el_block_q8_0 *)(x + (size_t)t * x_row_bytes) + j;
@@ -129,9 +128,9 @@ EL_INLINE void el_q8_0_block_neon_dotprod(float32x4_t acc[EL_TT], const el_block
 // (accumulate: += ) the dots. Each row runs in groups of 4 blocks, the last one partial.
 
 EL_INLINE void el_quant_rows_neon_dotprod(const uint8_t *w, size_t w_row_bytes, const uint8_t *x,
-                                  size_t x_row_bytes, const el_neon_prep *xp, float *y,
-                                  int64_t y_stride, int64_t cb, int n, int64_t r0, int64_t r1,
-                                  int accumulate, const int q4, const int nt) {
+                                          size_t x_row_bytes, const el_neon_prep *xp, float *y,
+                                          int64_t y_stride, int64_t cb, int n, int64_t r0, int64_t r1,
+                                          int accumulate, const int q4, const int nt) {
     const size_t bb = q4 ? sizeof(el_block_q4_0) : sizeof(el_block_q8_0);
     const int pb = el_pass_blocks(nt);
     for (int64_t r = r0; r < r1; r++) {
@@ -187,8 +186,8 @@ EL_INLINE void el_quant_rows_neon_dotprod(const uint8_t *w, size_t w_row_bytes, 
 }
 
 static void el_quant_part_neon_dotprod(const uint8_t *w, size_t w_row_bytes, const uint8_t *x,
-                               size_t x_row_bytes, float *y, int64_t y_stride, int64_t nb,
-                               int64_t r0, int64_t r1, int q4, int nt) {
+                                       size_t x_row_bytes, float *y, int64_t y_stride, int64_t nb,
+                                       int64_t r0, int64_t r1, int q4, int nt) {
     el_neon_prep xp;
     int pb = el_pass_blocks(nt);
     for (int64_t cb = 0; cb < nb; cb += pb) {
@@ -215,8 +214,8 @@ static void el_quant_part_neon_dotprod(const uint8_t *w, size_t w_row_bytes, con
 enum { EL_K_Q4_0, EL_K_Q8_0 };
 
 static void el_matmul_neon_dotprod(int kind, const void *w, size_t w_row_bytes, const void *x,
-                           size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
-                           int64_t r0, int64_t r1, int64_t n_tok) {
+                                   size_t x_row_bytes, float *y, int64_t y_stride, int64_t cols,
+                                   int64_t r0, int64_t r1, int64_t n_tok) {
     const uint8_t *wb = (const uint8_t *)w;
     const uint8_t *xb = (const uint8_t *)x;
     int64_t chunk = n_tok > EL_TT ? EL_ROW_CHUNK : r1 - r0;
@@ -232,14 +231,14 @@ static void el_matmul_neon_dotprod(int kind, const void *w, size_t w_row_bytes, 
 }
 
 void el_matmul_q4_0_q8_0_neon_dotprod(const void *w, size_t w_row_bytes, const void *x, size_t x_row_bytes,
-                              float *y, int64_t y_stride, int64_t cols, int64_t r0, int64_t r1,
-                              int64_t n_tok) {
+                                      float *y, int64_t y_stride, int64_t cols, int64_t r0, int64_t r1,
+                                      int64_t n_tok) {
     el_matmul_neon_dotprod(EL_K_Q4_0, w, w_row_bytes, x, x_row_bytes, y, y_stride, cols, r0, r1, n_tok);
 }
 
 void el_matmul_q8_0_q8_0_neon_dotprod(const void *w, size_t w_row_bytes, const void *x, size_t x_row_bytes,
-                              float *y, int64_t y_stride, int64_t cols, int64_t r0, int64_t r1,
-                              int64_t n_tok) {
+                                      float *y, int64_t y_stride, int64_t cols, int64_t r0, int64_t r1,
+                                      int64_t n_tok) {
     el_matmul_neon_dotprod(EL_K_Q8_0, w, w_row_bytes, x, x_row_bytes, y, y_stride, cols, r0, r1, n_tok);
 }
 
