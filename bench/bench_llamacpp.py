@@ -504,7 +504,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                     help=f"comma-separated, from {', '.join(common.MODELS)}")
     ap.add_argument("--types", default=",".join(common.TYPES), help="q8_0,q4_0")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions per engine")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions per engine")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens-1b-1t", type=int, default=0,

@@ -15,7 +15,6 @@ from .errors import (
 )
 
 __all__ = [
-    "__version__",
     "ContextFullError",
     "EdgeLLMError",
     "InvalidArgumentError",
@@ -27,6 +26,7 @@ __all__ = [
     "Session",
     "StateError",
     "UnsupportedError",
+    "__version__",
 ]
 
 

@@ -7,7 +7,8 @@ import argparse
 import json
 import sys
 import traceback
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from ._version import __version__
 from .errors import EdgeLLMError
@@ -38,7 +39,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, stop=a.stop)
+    return {"temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p, "seed": a.seed, "stop": a.stop}
 
 
 def cmd_info(a: argparse.Namespace) -> int:
@@ -88,20 +89,19 @@ def cmd_run(a: argparse.Namespace) -> int:
     """Complete one prompt and stream the text to stdout."""
     from .runtime.model import Model
 
-    with Model(a.model, n_threads=a.threads, n_ctx=a.ctx) as m:
-        with m.session() as s:
-            for piece in s.generate(a.prompt, a.max_tokens, stream=True, **_sampling_kwargs(a)):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            st = s.last_stats
-            if a.verbose and st is not None:
-                print(
-                    f"[{st.prompt_tokens} prompt tokens in {st.prefill_s * 1e3:.1f} ms; "
-                    f"{st.generated_tokens} generated at {st.decode_tokens_per_s:.1f} tok/s; "
-                    f"stop: {st.stop_reason}]",
-                    file=sys.stderr,
-                )
+    with Model(a.model, n_threads=a.threads, n_ctx=a.ctx) as m, m.session() as s:
+        for piece in s.generate(a.prompt, a.max_tokens, stream=True, **_sampling_kwargs(a)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        st = s.last_stats
+        if a.verbose and st is not None:
+            print(
+                f"[{st.prompt_tokens} prompt tokens in {st.prefill_s * 1e3:.1f} ms; "
+                f"{st.generated_tokens} generated at {st.decode_tokens_per_s:.1f} tok/s; "
+                f"stop: {st.stop_reason}]",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `edgellm` command; returns the exit status."""
     parser = build_parser()
     a = parser.parse_args(argv)

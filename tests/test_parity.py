@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.tiny_models import make_tiny_llama, make_tiny_qwen2
+from support.tolerances import GREEDY_TIE_Q8_0, LOGITS_REL_TRANSFORMERS, rel_err
 
 import edgellm
 from edgellm.formats.convert import convert
-
-from support.tiny_models import make_tiny_llama, make_tiny_qwen2
-from support.tolerances import GREEDY_TIE_Q8_0, LOGITS_REL_TRANSFORMERS, rel_err
 
 DATA = Path(__file__).parent / "data" / "stories260K"
 N_POS = 64  # positions compared, as the runtime issue asks
@@ -34,9 +33,8 @@ def _train_briefly(folder: Path, steps: int = 80) -> None:
     greedy agreement is only meaningful on a model with real preferences.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from support.tiny_models import corpus_text
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = torch.tensor(AutoTokenizer.from_pretrained(folder)(corpus_text())["input_ids"])
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

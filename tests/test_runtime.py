@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.tolerances import LOGITS_REL_F32, LOGITS_REL_Q8_0, rel_err
 
 import edgellm
 from edgellm import _native
@@ -18,8 +19,6 @@ from edgellm.formats.quant import dequantize
 from edgellm.runtime import reference
 from edgellm.runtime.config import ROPE_NEOX, ROPE_NORM, ModelConfig
 from edgellm.runtime.sampler import Sampler
-
-from support.tolerances import LOGITS_REL_F32, LOGITS_REL_Q8_0, rel_err
 
 DATA = Path(__file__).parent / "data" / "stories260K"
 GOLDEN = (DATA / "golden_greedy.txt").read_text().rstrip("\n")

@@ -304,7 +304,8 @@ static void el_task_norm(void *arg, int ith, int nth) {
 static inline void el_add_bias(float *y, int64_t y_stride, const el_tensor *b, int64_t r0,
                                int64_t r1, int64_t n_tok) {
     if (b->data == NULL || r0 >= r1) return;
-    for (int64_t t = 0; t < n_tok; t++) el_add_f32(y + t * y_stride + r0, (const float *)b->data + r0, r1 - r0);
+    const float *bias = (const float *)b->data + r0;  // (r1 - r0)
+    for (int64_t t = 0; t < n_tok; t++) el_add_f32(y + t * y_stride + r0, bias, r1 - r0);
 }
 
 // q, k, v = Wq xn, Wk xn, Wv xn (+ biases): one region over the rows of all three.
@@ -398,7 +399,8 @@ static void el_task_attention(void *arg, int ith, int nth) {
             for (int64_t r = 0; r < n_rep; r++) el_scale(o + r * hd, 1.0f / ml[n_rep + r], hd);
             // n_rep * head_dim % 32 == 0 here: this kv head's slice of the row is whole blocks.
             if (P->quant_out)
-                el_quantize_row_q8_0(o, s->xq_mid + t * (qd / EL_QK) + g * n_rep * hd / EL_QK, n_rep * hd);
+                el_quantize_row_q8_0(o, s->xq_mid + t * (qd / EL_QK) + g * n_rep * hd / EL_QK,
+                                     n_rep * hd);
         } else {
             // One chunk: keep its partial result for el_merge_chunks.
             const int64_t j0 = ci * P->att_len;
@@ -440,7 +442,8 @@ static void el_task_matmul_residual(void *arg, int ith, int nth) {
     el_split(dim, EL_ROW_ALIGN, ith, nth, &r0, &r1);
     if (r0 >= r1) return;
     el_mm(P->kt, P->w, P->xf, P->xq, s->tmp, dim, r0, r1, P->n_tok);
-    for (int64_t t = 0; t < P->n_tok; t++) el_add_f32(s->x + t * dim + r0, s->tmp + t * dim + r0, r1 - r0);
+    for (int64_t t = 0; t < P->n_tok; t++)
+        el_add_f32(s->x + t * dim + r0, s->tmp + t * dim + r0, r1 - r0);
 }
 
 // hb = silu(W_gate xn) * (W_up xn), then Q8_0 of hb for W_down: over hidden rows.
@@ -505,7 +508,8 @@ static void el_rope_store(edgellm_session *s, int32_t l, int32_t p0, int64_t n) 
     for (int64_t t = 0; t < n; t++) {
         const int32_t pos = p0 + (int32_t)t;
         const float *cs = s->rope_cos + (size_t)pos * half, *sn = s->rope_sin + (size_t)pos * half;
-        for (int64_t h = 0; h < c->n_heads; h++) el_rope(s->q + t * qd + h * hd, cs, sn, c->rope_dim, c->rope_mode);
+        for (int64_t h = 0; h < c->n_heads; h++)
+            el_rope(s->q + t * qd + h * hd, cs, sn, c->rope_dim, c->rope_mode);
         for (int64_t g = 0; g < c->n_kv_heads; g++) {
             float *kh = s->k + t * kvd + g * hd;
             const float *vh = s->v + t * kvd + g * hd;
@@ -565,7 +569,8 @@ static void el_forward(edgellm_session *s, const el_kernel_table *kt, const int3
         if (P->att_split > 1) el_merge_chunks(s, P->att_split);
         if (wo_quant && !P->quant_out)  // not quantised by the attention units: whole rows here
             for (int64_t t = 0; t < n; t++)
-                el_quantize_row_q8_0(s->att + t * m->q_dim, s->xq_mid + t * (m->q_dim / EL_QK), m->q_dim);
+                el_quantize_row_q8_0(s->att + t * m->q_dim, s->xq_mid + t * (m->q_dim / EL_QK),
+                                     m->q_dim);
         P->w = &L->wo;
         P->xf = s->att;
         P->xq = s->xq_mid;

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-// C-only tests of the transformer core: forward vs a double-precision reference, batching, KV cache, errors.
+// C-only tests of the transformer core: forward vs a double reference, batching, KV cache, errors.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,7 +87,8 @@ typedef struct {
 static edgellm_config small_config(void) {
     edgellm_config c = {
         .arch = EDGELLM_ARCH_LLAMA, .dim = 64, .hidden_dim = 96, .n_layers = 2, .n_heads = 4,
-        .n_kv_heads = 2, .head_dim = 16, .vocab_size = 96, .seq_len = 150,  // 150: the last key tile is narrower (22)
+        // seq_len 150: not a multiple of 32, so a full context ends in a partial 32-block
+        .n_kv_heads = 2, .head_dim = 16, .vocab_size = 96, .seq_len = 150,
         .rope_mode = EDGELLM_ROPE_NORM, .rope_dim = 16, .rope_base = 10000.0f,
         .rope_scale = 1.0f, .norm_eps = 1e-5f,
     };

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from ..errors import ModelFormatError, UnsupportedError
 
@@ -64,7 +65,7 @@ class ModelConfig:
     @classmethod
     def from_metadata(
         cls, meta: Mapping[str, Any], vocab_from_tensor: int | None = None
-    ) -> "ModelConfig":
+    ) -> ModelConfig:
         """Read the config of a GGUF file's model.
 
         Args:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable
 
 import numpy as np
+from typing_extensions import Self
 
 from .. import _native
 from .._native import ffi, lib
@@ -33,7 +35,7 @@ def default_threads() -> int:
 class GenerationStats:
     """What one generate() call did: counts and timings (fed to usage reporting)."""
 
-    __slots__ = ("prompt_tokens", "generated_tokens", "prefill_s", "decode_s", "stop_reason")
+    __slots__ = ("decode_s", "generated_tokens", "prefill_s", "prompt_tokens", "stop_reason")
 
     def __init__(self) -> None:
         self.prompt_tokens = 0
@@ -66,10 +68,10 @@ class Model:
 
     def __init__(
         self,
-        path: Union[str, os.PathLike[str]],
-        n_threads: Optional[int] = None,
-        n_ctx: Optional[int] = None,
-        kv_type: Optional[str] = None,
+        path: str | os.PathLike[str],
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+        kv_type: str | None = None,
     ) -> None:
         """Load a model.
 
@@ -84,7 +86,7 @@ class Model:
             UnsupportedError: an architecture or tensor type edgellm does not run.
         """
         self.path = Path(path)
-        self._gguf: Optional[GGUFFile] = read_gguf(self.path)
+        self._gguf: GGUFFile | None = read_gguf(self.path)
         self._buffers: list[Any] = []  # cffi views of the mapping, alive as long as the model
         self._c: Any = None
         try:
@@ -93,7 +95,7 @@ class Model:
             self.close()
             raise
 
-    def _load(self, n_threads: Optional[int], n_ctx: Optional[int], kv_type: Optional[str]) -> None:
+    def _load(self, n_threads: int | None, n_ctx: int | None, kv_type: str | None) -> None:
         gf = self._gguf
         assert gf is not None
         self.metadata = gf.metadata
@@ -136,7 +138,7 @@ class Model:
         if kv not in _KV_TYPES:
             raise InvalidArgumentError(f"kv_type must be one of {sorted(_KV_TYPES)}, got {kv!r}")
         self.kv_type = kv
-        self.usage_hook: Optional[Callable[[GenerationStats], None]] = None
+        self.usage_hook: Callable[[GenerationStats], None] | None = None
 
     # -- lifetime -------------------------------------------------------------------------
 
@@ -150,7 +152,7 @@ class Model:
             self._gguf.close()
             self._gguf = None
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -163,7 +165,7 @@ class Model:
 
     # -- text -----------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_bos: Optional[bool] = None, parse_special: bool = False) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool | None = None, parse_special: bool = False) -> list[int]:
         """Token ids of text (BOS first when the model asks for it, unless add_bos says otherwise)."""
         return self.tokenizer.encode(text, add_bos=add_bos, parse_special=parse_special)
 
@@ -171,13 +173,13 @@ class Model:
         """Text of token ids (special tokens dropped)."""
         return self.tokenizer.decode(list(tokens))
 
-    def kv_cache_bytes(self, n_ctx: Optional[int] = None) -> int:
+    def kv_cache_bytes(self, n_ctx: int | None = None) -> int:
         """Bytes a session's KV cache takes at n_ctx positions."""
         return int(lib.edgellm_kv_cache_bytes(self._handle(), n_ctx or self.n_ctx, _KV_TYPES[self.kv_type]))
 
     # -- running --------------------------------------------------------------------------
 
-    def session(self, n_ctx: Optional[int] = None, n_threads: Optional[int] = None) -> "Session":
+    def session(self, n_ctx: int | None = None, n_threads: int | None = None) -> Session:
         """A new session with its own KV cache (n_ctx positions) and thread pool."""
         return Session(self, n_ctx or self.n_ctx, n_threads or self.n_threads)
 
@@ -186,7 +188,7 @@ class Model:
         with self.session(n_ctx=max(len(tokens), 1)) as s:
             return s.eval(tokens, logits="all")
 
-    def generate(self, prompt: Union[str, Sequence[int]], max_tokens: int = 128, **kwargs: Any) -> Any:
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, **kwargs: Any) -> Any:
         """Complete a prompt in a fresh session; see Session.generate for the arguments."""
         s = self.session()
         if kwargs.get("stream"):
@@ -219,7 +221,7 @@ class Session:
         self.tokens: list[int] = []  # what the KV cache holds, position by position
         self._last = np.zeros(model.config.vocab_size, dtype=np.float32)  # logits after tokens[-1]
         self._last_c = ffi.from_buffer("float[]", self._last, require_writable=True)
-        self.last_stats: Optional[GenerationStats] = None
+        self.last_stats: GenerationStats | None = None
 
     def close(self) -> None:
         """Free the KV cache and threads; idempotent."""
@@ -227,7 +229,7 @@ class Session:
             ffi.release(self._c)  # runs edgellm_session_free now, not at GC
             self._c = None
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -243,7 +245,7 @@ class Session:
             raise StateError("the session is closed")
         return self._c
 
-    def eval(self, tokens: Sequence[int], logits: Optional[str] = "last") -> np.ndarray:
+    def eval(self, tokens: Sequence[int], logits: str | None = "last") -> np.ndarray:
         """Append tokens to the cache (batched prefill) and return logits.
 
         Args:
@@ -261,6 +263,7 @@ class Session:
         vocab = self.model.config.vocab_size
         if n == 0:
             raise InvalidArgumentError("eval needs at least one token")
+        out: np.ndarray
         if logits == "all":
             out = np.empty((n, vocab), dtype=np.float32)
             out_c = ffi.from_buffer("float[]", out, require_writable=True)
@@ -299,13 +302,13 @@ class Session:
 
     def generate(
         self,
-        prompt: Union[str, Sequence[int]],
+        prompt: str | Sequence[int],
         max_tokens: int = 128,
         temperature: float = 0.8,
         top_k: int = 40,
         top_p: float = 0.95,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
         stream: bool = False,
     ) -> Any:
         """Continue the conversation from prompt.

@@ -7,7 +7,7 @@ blocks are named after the paper's (rms_norm, rope, attention, ffn, transformer_
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -15,7 +15,8 @@ from .config import ROPE_NEOX, ModelConfig
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:  # [n, dim] -> [n, dim]
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+    y: np.ndarray = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+    return y
 
 
 def rope(x: np.ndarray, pos: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -46,13 +47,15 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: ModelConfig) -> 
     scores = scores + np.triu(np.full((n, n), -np.inf), 1)  # causal mask
     scores = np.exp(scores - scores.max(-1, keepdims=True))
     scores /= scores.sum(-1, keepdims=True)
-    return np.einsum("hqk,khd->qhd", scores, v).reshape(n, -1)
+    out: np.ndarray = np.einsum("hqk,khd->qhd", scores, v).reshape(n, -1)
+    return out
 
 
 def ffn(x: np.ndarray, w: Mapping[str, np.ndarray], i: int) -> np.ndarray:  # [n, dim] -> [n, dim]
     gate = x @ w[f"blk.{i}.ffn_gate.weight"].T
     up = x @ w[f"blk.{i}.ffn_up.weight"].T
-    return (gate / (1.0 + np.exp(-gate)) * up) @ w[f"blk.{i}.ffn_down.weight"].T
+    y: np.ndarray = (gate / (1.0 + np.exp(-gate)) * up) @ w[f"blk.{i}.ffn_down.weight"].T
+    return y
 
 
 def transformer_block(
@@ -61,7 +64,7 @@ def transformer_block(
     n = x.shape[0]
     pos = np.arange(n)
     xn = rms_norm(x, w[f"blk.{i}.attn_norm.weight"], cfg.norm_eps)
-    proj = {}
+    proj: dict[str, np.ndarray] = {}
     for name in ("q", "k", "v"):
         y = xn @ w[f"blk.{i}.attn_{name}.weight"].T
         bias = w.get(f"blk.{i}.attn_{name}.bias")
@@ -70,7 +73,8 @@ def transformer_block(
     k = rope(proj["k"].reshape(n, cfg.n_kv_heads, cfg.head_dim), pos, cfg)
     v = proj["v"].reshape(n, cfg.n_kv_heads, cfg.head_dim)
     x = x + attention(q, k, v, cfg) @ w[f"blk.{i}.attn_output.weight"].T
-    return x + ffn(rms_norm(x, w[f"blk.{i}.ffn_norm.weight"], cfg.norm_eps), w, i)
+    out: np.ndarray = x + ffn(rms_norm(x, w[f"blk.{i}.ffn_norm.weight"], cfg.norm_eps), w, i)
+    return out
 
 
 def forward(tokens: list[int], w: Mapping[str, np.ndarray], cfg: ModelConfig) -> np.ndarray:
@@ -85,4 +89,5 @@ def forward(tokens: list[int], w: Mapping[str, np.ndarray], cfg: ModelConfig) ->
     for i in range(cfg.n_layers):
         x = transformer_block(x, w, i, cfg)
     out = w.get("output.weight", w["token_embd.weight"])  # tied when absent
-    return rms_norm(x, w["output_norm.weight"], cfg.norm_eps) @ out.T
+    logits: np.ndarray = rms_norm(x, w["output_norm.weight"], cfg.norm_eps) @ out.T
+    return logits

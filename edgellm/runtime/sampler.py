@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from ..errors import InvalidArgumentError
@@ -24,7 +22,7 @@ class Sampler:
         temperature: float = 0.8,
         top_k: int = 40,
         top_p: float = 0.95,
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ) -> None:
         if not temperature >= 0.0:  # also refuses NaN
             raise InvalidArgumentError(f"temperature must be >= 0, got {temperature}")

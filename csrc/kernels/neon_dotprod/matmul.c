@@ -10,78 +10,18 @@
 #include "kernels.h"
 #include "../neon/neon.h"
 
-// Tokens per tile: each weight row is loaded once per tile and reused for all its tokens.
-#define EL_TT 4
+// Tile and buffer sizes are shared with the other NEON table (neon.h).
+#define EL_TT EL_NEON_TT
 // Independent accumulators per token (4 / nt), enough to cover the FMA latency.
 #define EL_SLOTS(nt) ((nt) == 1 ? 4 : (nt) == 2 ? 2 : 1)
 // Rows per chunk when n_tok > EL_TT: the chunk's weights stay in L2 while every token tile
 // passes over them, so weights come from DRAM once per call.
 #define EL_ROW_CHUNK 64
-// Floats of activation scales prepared once per call: 1024 / nt blocks per pass (32768
-// columns when decoding); wider rows run in several column passes that add into y.
-#define EL_PREP_BLOCKS 1024
+#define EL_PREP_BLOCKS EL_NEON_PREP_BLOCKS
 // Rows ahead whose weights are prefetched (DRAM latency x bandwidth is a few KiB).
 #define EL_PF_ROWS 4
 
 #define EL_INLINE static inline __attribute__((always_inline))
-
-static inline int el_pass_blocks(int nt) { return (EL_PREP_BLOCKS / nt) & ~3; }
-
-// Prefetches [p, p + bytes) for reading.
-EL_INLINE void el_prefetch(const void *p, size_t bytes) {
-    for (size_t o = 0; o < bytes; o += 64) {
-        __builtin_prefetch((const char *)p + o, 0, 2);
-    }
-}
-
-// Activation facts per block, prepared once per call: [nt, pass blocks + 4] each.
-typedef struct {
-    float dx[EL_PREP_BLOCKS + 4 * EL_TT];  // f32 scale of the Q8_0 block
-    float c[EL_PREP_BLOCKS + 4 * EL_TT];   // Q4_0 only: d_x * (-8 * sum of the block's x)
-} el_neon_prep;
-
-// Prepares blocks [cb, cb + n) of nt tokens of x (rows of x_row_bytes).
-static void el_prepare_neon_dotprod(el_neon_prep *xp, const uint8_t *x, size_t x_row_bytes, int64_t cb,
-                                    int n, int nt, int with_c) {
-    int pb = el_pass_blocks(nt);
-    for (int t = 0; t < nt; t++) {
-        const el_block_q8_0 *xb = (const el_block_q8_0 *)(x + (size_t)t * x_row_bytes) + cb;
-        float *dx = xp->dx + t * (pb + 4), *c = xp->c + t * (pb + 4);
-        for (int j = 0; j < n; j++) {
-            dx[j] = el_f16_to_f32(xb[j].d);
-            if (with_c) {
-                int32_t sum = vaddlvq_s8(vld1q_s8(xb[j].qs)) + vaddlvq_s8(vld1q_s8(xb[j].qs + 16));
-                c[j] = dx[j] * (float)(-8 * sum);
-            }
-        }
-        for (int j = n; j < pb + 4; j++) {
-            dx[j] = 0.0f;
-            c[j] = 0.0f;
-        }
-    }
-}
-
-// f32 scales of the first gs (1..4) blocks at wb (block_bytes apart), 0 past gs.
-EL_INLINE float32x4_t el_dw4(const uint8_t *wb, size_t block_bytes, int gs) {
-    uint16x4_t h = vdup_n_u16(0);
-    switch (gs) {  // falls through: scales gs-1 .. 0
-        case 4: h = vld1_lane_u16((const uint16_t *)(wb + 3 * block_bytes), h, 3); __attribute__((fallthrough));
-        case 3: h = vld1_lane_u16((const uint16_t *)(wb + 2 * block_bytes), h, 2); __attribute__((fallthrough));
-        case 2: h = vld1_lane_u16((const uint16_t *)(wb + block_bytes), h, 1); __attribute__((fallthrough));
-        default: h = vld1_lane_u16((const uint16_t *)wb, h, 0); break;
-    }
-    return vcvt_f32_f16(vreinterpret_f16_u16(h));
-}
-
-// acc += s[lane] * v with the lane chosen at run time among 4 (the by-element FMA wants a constant).
-EL_INLINE float32x4_t el_fma_lane(float32x4_t acc, float32x4_t v, float32x4_t s, int lane) {
-    switch (lane) {
-        case 0: return vfmaq_laneq_f32(acc, v, s, 0);
-        case 1: return vfmaq_laneq_f32(acc, v, s, 1);
-        case 2: return vfmaq_laneq_f32(acc, v, s, 2);
-        default: return vfmaq_laneq_f32(acc, v, s, 3);
-    }
-}
 
 // --------------------------------------------------------------------------
 // Q4_0 weights x Q8_0 activations (matches el_matmul_q4_0_q8_0_generic)
@@ -101,7 +41,7 @@ EL_INLINE void el_q4_0_block_neon_dotprod(float32x4_t acc[EL_TT], const el_block
         const el_block_q8_0 *xb = (const el_block_q8_0 *)(x + (size_t)t * x_row_bytes) + j;
         int32x4_t q = vdotq_s32(vdupq_n_s32(0), lo, vld1q_s8(xb->qs));
         q = vdotq_s32(q, hi, vld1q_s8(xb->qs + 16));
-        acc[t] = el_fma_lane(acc[t], vcvtq_f32_s32(q), s[t], lane);
+        acc[t] = el_neon_fma_lane(acc[t], vcvtq_f32_s32(q), s[t], lane);
     }
 }
 
@@ -119,7 +59,7 @@ EL_INLINE void el_q8_0_block_neon_dotprod(float32x4_t acc[EL_TT], const el_block
         const el_block_q8_0 *xb = (const el_block_q8_0 *)(x + (size_t)t * x_row_bytes) + j;
         int32x4_t q = vdotq_s32(vdupq_n_s32(0), w0, vld1q_s8(xb->qs));
         q = vdotq_s32(q, w1, vld1q_s8(xb->qs + 16));
-        acc[t] = el_fma_lane(acc[t], vcvtq_f32_s32(q), s[t], lane);
+        acc[t] = el_neon_fma_lane(acc[t], vcvtq_f32_s32(q), s[t], lane);
     }
 }
 
@@ -132,11 +72,11 @@ EL_INLINE void el_quant_rows_neon_dotprod(const uint8_t *w, size_t w_row_bytes, 
                                           int64_t y_stride, int64_t cb, int n, int64_t r0, int64_t r1,
                                           int accumulate, const int q4, const int nt) {
     const size_t bb = q4 ? sizeof(el_block_q4_0) : sizeof(el_block_q8_0);
-    const int pb = el_pass_blocks(nt);
+    const int pb = el_neon_pass_blocks(nt);
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *wr = w + (size_t)r * w_row_bytes + (size_t)cb * bb;
         const uint8_t *xc = x + (size_t)cb * sizeof(el_block_q8_0);
-        el_prefetch(wr + EL_PF_ROWS * w_row_bytes, (size_t)n * bb);
+        el_neon_prefetch(wr + EL_PF_ROWS * w_row_bytes, (size_t)n * bb);
         float32x4_t acc[4][EL_TT];  // [slot, token]: independent FMA chains
         float32x4_t corr[EL_TT];    // Q4_0: sum of d_w * c
         for (int t = 0; t < EL_TT; t++) {
@@ -147,7 +87,7 @@ EL_INLINE void el_quant_rows_neon_dotprod(const uint8_t *w, size_t w_row_bytes, 
         }
         for (int g = 0; g < n; g += 4) {
             int gs = n - g < 4 ? n - g : 4;
-            float32x4_t dw = el_dw4(wr + (size_t)g * bb, bb, gs);
+            float32x4_t dw = el_neon_dw4(wr + (size_t)g * bb, bb, gs);
             float32x4_t s[EL_TT];
             for (int t = 0; t < nt; t++) {
                 s[t] = vmulq_f32(dw, vld1q_f32(xp->dx + t * (pb + 4) + g));
@@ -189,10 +129,10 @@ static void el_quant_part_neon_dotprod(const uint8_t *w, size_t w_row_bytes, con
                                        size_t x_row_bytes, float *y, int64_t y_stride, int64_t nb,
                                        int64_t r0, int64_t r1, int q4, int nt) {
     el_neon_prep xp;
-    int pb = el_pass_blocks(nt);
+    int pb = el_neon_pass_blocks(nt);
     for (int64_t cb = 0; cb < nb; cb += pb) {
         int n = nb - cb < pb ? (int)(nb - cb) : pb;
-        el_prepare_neon_dotprod(&xp, x, x_row_bytes, cb, n, nt, q4);
+        el_neon_prepare(&xp, x, x_row_bytes, cb, n, nt, q4);
         int acc = cb > 0;
         switch (nt * 2 + q4) {
             case 2: el_quant_rows_neon_dotprod(w, w_row_bytes, x, x_row_bytes, &xp, y, y_stride, cb, n, r0, r1, acc, 0, 1); break;
