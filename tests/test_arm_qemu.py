@@ -7,7 +7,6 @@ import pathlib
 import tempfile
 
 import pytest
-
 from support import run_qemu_tests as rq
 
 

@@ -17,9 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-from edgellm._native import ffi, lib
-
 from support.tolerances import (
     KERNEL_DOT_REL,
     KERNEL_QDOT_REL,
@@ -27,6 +24,8 @@ from support.tolerances import (
     QUANT_Q4_0_ERR_D,
     QUANT_Q8_0_ERR_D,
 )
+
+from edgellm._native import ffi, lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QTYPES = {"Q4_0": lib.EDGELLM_TYPE_Q4_0, "Q8_0": lib.EDGELLM_TYPE_Q8_0}

@@ -853,7 +853,8 @@ static void run(const char *name, void (*fn)(void)) {
     clock_gettime(CLOCK_MONOTONIC, &t0);
     fn();
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    printf("%-26s %8.1f ms\n", name, (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) * 1e-6);
+    const double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) * 1e-6;
+    printf("%-26s %8.1f ms\n", name, ms);
 }
 
 int main(void) {
