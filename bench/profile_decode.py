@@ -7,7 +7,8 @@ weights, so they stream from DRAM as in decode) through edgellm_matmul_q8, per I
 n_tok = 1 (decode) and 64 (one prefill chunk). It prints per-kind time per token, GB/s of
 weights and GOP/s, and compares the matmul total with a full session step (eval of one
 token, and of a 64-token chunk) at 1 and 2 threads: the rest is attention, norms, RoPE,
-activation quantisation, thread sync and the Python call.
+activation quantisation, thread sync and the Python call. "hot" repeats layer 0's matrix
+for every layer, so weights come from cache: hot ~ cold means the kernel is compute-bound.
 
 Usage: python bench/profile_decode.py [--model smollm-135m] [--type q4_0] [--isas avx2,avx512]
 """
@@ -46,9 +47,18 @@ def weights(path: Path, n_layers: int) -> list[tuple[str, np.ndarray, int, int, 
     return out
 
 
-def replay(ws: list[tuple[str, np.ndarray, int, int, int]], isa: int, n_tok: int, reps: int
-           ) -> dict[str, float]:
-    """Median seconds per kind (summed over layers) of one step over n_tok tokens."""
+def replay(ws: list[tuple[str, np.ndarray, int, int, int]], isa: int, n_tok: int, reps: int,
+           hot: bool = False) -> dict[str, float]:
+    """Median seconds per kind (summed over layers) of one step over n_tok tokens.
+
+    hot: every layer's call uses layer 0's matrix instead, so weights that fit in L2/L3 come
+    from cache: the kernel's compute speed, without DRAM.
+    """
+    if hot:
+        first = {}
+        for w in ws:
+            first.setdefault(w[0], w)
+        ws = [first[w[0]] for w in ws]
     from edgellm._native import ffi, lib
 
     rng = np.random.default_rng(0)
@@ -141,25 +151,29 @@ def main(argv: list[str] | None = None) -> int:
         step = {t: session_step(path, t, n_tok, args.reps) for t in (1, 2)}
         for isa in isas:
             res = replay(ws, names.index(isa), n_tok, args.reps)
+            hot = replay(ws, names.index(isa), n_tok, args.reps, hot=True)
             total = sum(res.values())
             common.log(f"\nn_tok={n_tok} isa={isa}: matmuls {total * 1e3:.2f} ms per step "
+                       f"(hot: {sum(hot.values()) * 1e3:.2f}) "
                        f"(1 thread); session step {step[1] * 1e3:.2f} ms at 1 thread, "
                        f"{step[2] * 1e3:.2f} ms at 2 threads -> matmuls are "
                        f"{100 * total / step[1]:.0f}% of the 1-thread step"
                        + (" (active ISA)" if isa == bi["active"] else ""))
             common.log(f"  {'kind':12s} {'ms/step':>8s} {'share':>6s} {'GB/s':>6s} "
-                       f"{'GOP/s':>7s} {'of bw':>6s}")
+                       f"{'GOP/s':>7s} {'of bw':>6s} {'hot ms':>8s} {'hot GB/s':>9s}")
             for k in KINDS:
                 if k not in res:
                     continue
                 gbs = bytes_kind[k] / res[k] / 1e9
                 gops = ops_kind[k] * n_tok / res[k] / 1e9
                 common.log(f"  {k:12s} {res[k] * 1e3:8.3f} {100 * res[k] / total:5.1f}% "
-                           f"{gbs:6.1f} {gops:7.1f} {100 * gbs * 1e9 / bw1:5.0f}%")
+                           f"{gbs:6.1f} {gops:7.1f} {100 * gbs * 1e9 / bw1:5.0f}% "
+                           f"{hot[k] * 1e3:8.3f} {bytes_kind[k] / hot[k] / 1e9:9.1f}")
                 out.write({**ctx, "kind": "profile_matmul", "model": args.model,
                            "type": args.type.upper(), "isa_replayed": isa, "n_tok": n_tok,
                            "matrix": k, "s_per_step": res[k], "bytes": bytes_kind[k],
                            "ops_per_token": ops_kind[k], "gb_per_s": gbs, "gop_per_s": gops,
+                           "hot_s_per_step": hot[k],
                            "load": common.load_avg()})
             row: dict[str, Any] = {**ctx, "kind": "profile_step", "model": args.model,
                                    "type": args.type.upper(), "isa_replayed": isa,

@@ -221,6 +221,8 @@ class Session:
         self.tokens: list[int] = []  # what the KV cache holds, position by position
         self._last = np.zeros(model.config.vocab_size, dtype=np.float32)  # logits after tokens[-1]
         self._last_c = ffi.from_buffer("float[]", self._last, require_writable=True)
+        self._one = np.zeros(1, dtype=np.int32)  # the decode loop's input, reused every step
+        self._one_c = ffi.from_buffer("int32_t[]", self._one)
         self.last_stats: GenerationStats | None = None
 
     def close(self) -> None:
@@ -274,10 +276,18 @@ class Session:
         _native.check(
             lib.edgellm_session_eval(self._handle(), ffi.from_buffer("int32_t[]", toks), n, _LOGITS[logits], out_c)
         )
-        self.tokens.extend(int(t) for t in toks)
+        self.tokens.extend(toks.tolist())
         if logits == "all":
             self._last[:] = out[-1]
         return out.copy() if logits == "last" else out
+
+    def _step(self, token: int) -> None:
+        """Append one token and refresh the last logits: eval() without its allocations."""
+        self._one[0] = token
+        _native.check(
+            lib.edgellm_session_eval(self._handle(), self._one_c, 1, lib.EDGELLM_LOGITS_LAST, self._last_c)
+        )
+        self.tokens.append(token)
 
     def truncate(self, n_keep: int) -> None:
         """Keep the first n_keep cached positions (rewind)."""
@@ -371,7 +381,7 @@ class Session:
                 if self.pos >= self.n_ctx:
                     stats.stop_reason = "context"
                     break
-                self.eval([nxt], logits="last")
+                self._step(nxt)
             if stats.stop_reason != "stop":
                 held += decoder.flush()
             if held:

@@ -37,7 +37,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:  # [vocab_size] -> id
         if self.temperature == 0.0:
-            return int(np.argmax(logits))
+            return int(logits.argmax())
         vocab = logits.shape[0]
         k = vocab if self.top_k == 0 else min(self.top_k, vocab)
         if k < vocab:
