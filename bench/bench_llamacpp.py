@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 DECODE_TARGET = 0.8  # this milestone: edgellm decode >= 0.8x llama.cpp in every cell
 RSS_SLACK = 64 * 2**20  # RSS goal: file size + KV cache + 64 MiB
@@ -56,9 +55,9 @@ class EdgeEngine:
     name = "edgellm"
 
     def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
-        import edgellm
+        from edgellm.runtime.model import Model
 
-        self.model = edgellm.Model(path, n_threads=threads, n_ctx=n_ctx)
+        self.model = Model(path, n_threads=threads, n_ctx=n_ctx)
         self.session = self.model.session()
 
     def run(self, prompt: list[int], n_decode: int) -> dict[str, Any]:
@@ -87,8 +86,15 @@ class LlamaEngine:
         import llama_cpp
 
         self._lc = llama_cpp
-        self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads,
-                                   n_ctx=n_ctx, n_batch=512, verbose=False, use_mmap=True)
+        self.llm = llama_cpp.Llama(
+            str(path),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            n_batch=512,
+            verbose=False,
+            use_mmap=True,
+        )
         self.n_vocab = self.llm.n_vocab()
 
     def _last_logits(self) -> np.ndarray:  # -> [vocab_size], a view of llama.cpp's buffer
@@ -97,7 +103,7 @@ class LlamaEngine:
 
     def run(self, prompt: list[int], n_decode: int) -> dict[str, Any]:
         llm = self.llm
-        llm.reset()  # n_tokens = 0; eval() then drops the cached positions
+        llm.reset()  # type: ignore[no-untyped-call]  # n_tokens = 0; eval() drops the cache
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
@@ -113,8 +119,10 @@ class LlamaEngine:
         self.llm.close()
 
 
-ENGINES: dict[str, Callable[[Path, int, int], Any]] = {"edgellm": EdgeEngine,
-                                                        "llama.cpp": LlamaEngine}
+ENGINES: dict[str, Callable[[Path, int, int], Any]] = {
+    "edgellm": EdgeEngine,
+    "llama.cpp": LlamaEngine,
+}
 
 
 def child_cell(args: argparse.Namespace) -> int:
@@ -135,10 +143,19 @@ def child_cell(args: argparse.Namespace) -> int:
             busy = common.wait_quiet(args.max_busy, args.quiet_wait)
             load = common.load_avg()
             r = e.run(prompt, args.decode_tokens)
-            emit({"kind": "run", "engine": e.name, "rep": rep, "load_before": load,
-                  "busy_before": busy,
-                  "load_after": common.load_avg(), "prompt_tokens": len(prompt),
-                  "decode_tokens": args.decode_tokens, **r})
+            emit(
+                {
+                    "kind": "run",
+                    "engine": e.name,
+                    "rep": rep,
+                    "load_before": load,
+                    "busy_before": busy,
+                    "load_after": common.load_avg(),
+                    "prompt_tokens": len(prompt),
+                    "decode_tokens": args.decode_tokens,
+                    **r,
+                }
+            )
     for e in engines:
         e.close()
     return 0
@@ -174,8 +191,16 @@ def child_rss(args: argparse.Namespace) -> int:
         e = LlamaEngine(path, args.threads, n_ctx)
     e.run(prompt, args.decode_tokens)
     st = _proc_status()
-    emit({"kind": "rss", "engine": name, "n_ctx": n_ctx, "kv_cache_bytes": kv,
-          "baseline": base, **st})
+    emit(
+        {
+            "kind": "rss",
+            "engine": name,
+            "n_ctx": n_ctx,
+            "kv_cache_bytes": kv,
+            "baseline": base,
+            **st,
+        }
+    )
     e.close()
     return 0
 
@@ -188,10 +213,9 @@ def child_overhead(args: argparse.Namespace) -> int:
     same load: overhead = (decode time - time inside C) / decode time. The proxy's own cost
     (two clock reads a call) lands on the Python side, so the figure is slightly pessimistic.
     """
-    import edgellm
     from edgellm.runtime import model as model_mod
 
-    real = model_mod.lib
+    real = vars(model_mod)["lib"]  # the module global Session.eval calls through
 
     class TimedLib:
         def __init__(self) -> None:
@@ -209,17 +233,19 @@ def child_overhead(args: argparse.Namespace) -> int:
             return int(rc)
 
     timed = TimedLib()
-    model_mod.lib = timed
+    vars(model_mod)["lib"] = timed
     path = common.model_path(args.model, args.type)
     prompt = prompt_ids(common.MODELS[args.model]["vocab_size"], args.prompt_tokens)
     n = args.decode_tokens
-    model = edgellm.Model(path, n_threads=args.threads, n_ctx=args.n_ctx)
+    model = model_mod.Model(path, n_threads=args.threads, n_ctx=args.n_ctx)
     s = model.session()
 
     def generate() -> tuple[float, int]:
         s.truncate(0)
         s.generate(prompt, max_tokens=n, temperature=0)
         st = s.last_stats  # decode_s: from the end of prefill to the last token
+        if st is None:
+            raise RuntimeError("Session.generate left no stats")
         return st.decode_s, st.generated_tokens
 
     def eval_loop() -> tuple[float, int]:
@@ -237,9 +263,19 @@ def child_overhead(args: argparse.Namespace) -> int:
             timed.c_s, timed.calls = 0.0, 0
             load = common.load_avg()
             total, n_tok = fn()
-            emit({"kind": "overhead_run", "mode": name, "rep": rep, "decode_s": total,
-                  "c_s": timed.c_s, "c_calls": timed.calls, "generated_tokens": n_tok,
-                  "load_before": load, "busy_before": busy})
+            emit(
+                {
+                    "kind": "overhead_run",
+                    "mode": name,
+                    "rep": rep,
+                    "decode_s": total,
+                    "c_s": timed.c_s,
+                    "c_calls": timed.calls,
+                    "generated_tokens": n_tok,
+                    "load_before": load,
+                    "busy_before": busy,
+                }
+            )
     s.close()
     model.close()
     return 0
@@ -249,17 +285,45 @@ def child_overhead(args: argparse.Namespace) -> int:
 # Parent: runs the children, aggregates, prints, writes.
 
 
-def run_child(mode: str, model: str, qtype: str, threads: int, args: argparse.Namespace,
-              engines: str = "edgellm,llama.cpp", decode_tokens: Optional[int] = None
-              ) -> list[dict[str, Any]]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--model", model,
-           "--type", qtype, "--threads-one", str(threads), "--reps", str(args.reps),
-           "--prompt-tokens", str(args.prompt_tokens),
-           "--decode-tokens", str(decode_tokens or args.decode_tokens),
-           "--n-ctx", str(args.n_ctx), "--engines", engines,
-           "--quiet-wait", str(args.quiet_wait), "--max-busy", str(args.max_busy)]
+def run_child(
+    mode: str,
+    model: str,
+    qtype: str,
+    threads: int,
+    args: argparse.Namespace,
+    engines: str = "edgellm,llama.cpp",
+    decode_tokens: int | None = None,
+) -> list[dict[str, Any]]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        mode,
+        "--model",
+        model,
+        "--type",
+        qtype,
+        "--threads-one",
+        str(threads),
+        "--reps",
+        str(args.reps),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--decode-tokens",
+        str(decode_tokens or args.decode_tokens),
+        "--n-ctx",
+        str(args.n_ctx),
+        "--engines",
+        engines,
+        "--quiet-wait",
+        str(args.quiet_wait),
+        "--max-busy",
+        str(args.max_busy),
+    ]
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout)
+        p = subprocess.run(
+            cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout, check=False
+        )
     except subprocess.TimeoutExpired:
         common.log(f"  {mode} {model} {qtype} t={threads}: timed out after {args.child_timeout} s")
         return [{"kind": "error", "error": f"timeout after {args.child_timeout} s"}]
@@ -270,7 +334,7 @@ def run_child(mode: str, model: str, qtype: str, threads: int, args: argparse.Na
     return rows
 
 
-def first_divergence(a: list[int], b: list[int]) -> Optional[int]:
+def first_divergence(a: list[int], b: list[int]) -> int | None:
     """Index of the first differing generated token; None when the sequences agree."""
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -278,20 +342,29 @@ def first_divergence(a: list[int], b: list[int]) -> Optional[int]:
     return None
 
 
-def fmt_rate(x: Optional[float]) -> str:
+def fmt_rate(x: float | None) -> str:
     return "-" if x is None else (f"{x:.1f}" if x < 100 else f"{x:.0f}")
 
 
-def _pct(x: Optional[float]) -> str:
+def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def fmt_ratio(x: Optional[float]) -> str:
+def _agree(c: dict[str, Any]) -> str:
+    """How many of the generated tokens both engines chose alike, before the first difference."""
+    d = c.get("greedy_first_divergence")
+    return (
+        f"{c['decode_tokens']}/{c['decode_tokens']}" if d is None else f"{d}/{c['decode_tokens']}"
+    )
+
+
+def fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def bench_cells(args: argparse.Namespace, out: common.JsonLines, ctx: dict[str, Any],
-                bw: dict[int, float]) -> list[dict[str, Any]]:
+def bench_cells(
+    args: argparse.Namespace, out: common.JsonLines, ctx: dict[str, Any], bw: dict[int, float]
+) -> list[dict[str, Any]]:
     cells = []
     for model in args.models:
         for qtype in args.types:
@@ -301,44 +374,64 @@ def bench_cells(args: argparse.Namespace, out: common.JsonLines, ctx: dict[str, 
                 n_dec = args.decode_tokens
                 if model == "tinyllama-1.1b" and threads == 1 and args.decode_tokens_1b_1t:
                     n_dec = args.decode_tokens_1b_1t
-                common.log(f"{model} {qtype} threads={threads}: prefill {args.prompt_tokens}, "
-                           f"decode {n_dec}, {args.reps} reps, load {common.load_avg()}")
+                # Bandwidth again before every cell: the peak is what bounds, and a shared
+                # machine hides it at times, so the run keeps the best it saw.
+                common.wait_quiet(args.max_busy, args.quiet_wait)
+                r = common.read_bandwidth(threads)
+                out.write({**ctx, "kind": "bandwidth", **r, "load": common.load_avg()})
+                bw[threads] = max(bw[threads], r["best_bytes_per_s"])
+                common.log(
+                    f"{model} {qtype} threads={threads}: prefill {args.prompt_tokens}, "
+                    f"decode {n_dec}, {args.reps} reps, load {common.load_avg()}"
+                )
                 rows = run_child("cell", model, qtype, threads, args, decode_tokens=n_dec)
                 base = {**ctx, "model": model, "type": qtype.upper(), "threads": threads}
                 for r in rows:
-                    if r["kind"] == "run":
-                        r = {**r, "tokens": r["tokens"][:16]}  # keep the lines short
-                    out.write({**base, **r})
+                    short = {"tokens": r["tokens"][:16]} if r["kind"] == "run" else {}
+                    out.write({**base, **r, **short})  # the first 16 tokens keep lines short
                 runs = [r for r in rows if r["kind"] == "run"]
-                cell: dict[str, Any] = {**base, "kind": "cell", "prompt_tokens": args.prompt_tokens,
-                                        "decode_tokens": n_dec, "reps": args.reps, **wb,
-                                        "bandwidth_bytes_per_s": bw[threads],
-                                        "decode_bound_tok_s": bw[threads] / wb["bytes_per_token"]}
+                cell: dict[str, Any] = {
+                    **base,
+                    "kind": "cell",
+                    "prompt_tokens": args.prompt_tokens,
+                    "decode_tokens": n_dec,
+                    "reps": args.reps,
+                    **wb,
+                    "bandwidth_bytes_per_s": bw[threads],
+                    "decode_bound_tok_s": bw[threads] / wb["bytes_per_token"],
+                }
                 for eng, key in (("edgellm", "edgellm"), ("llama.cpp", "llamacpp")):
                     mine = [r for r in runs if r["engine"] == eng]
                     if not mine:
                         cell[f"{key}_prefill_tok_s"] = cell[f"{key}_decode_tok_s"] = None
                         continue
                     cell[f"{key}_prefill_tok_s"] = common.median(
-                        args.prompt_tokens / r["prefill_s"] for r in mine)
+                        args.prompt_tokens / r["prefill_s"] for r in mine
+                    )
                     cell[f"{key}_decode_tok_s"] = common.median(n_dec / r["decode_s"] for r in mine)
-                    cell[f"{key}_decode_tok_s_all"] = [round(n_dec / r["decode_s"], 2) for r in mine]
+                    cell[f"{key}_decode_tok_s_all"] = [
+                        round(n_dec / r["decode_s"], 2) for r in mine
+                    ]
                     cell[f"{key}_prefill_tok_s_all"] = [
-                        round(args.prompt_tokens / r["prefill_s"], 2) for r in mine]
+                        round(args.prompt_tokens / r["prefill_s"], 2) for r in mine
+                    ]
                 for ph in ("prefill", "decode"):
                     a, b = cell[f"edgellm_{ph}_tok_s"], cell[f"llamacpp_{ph}_tok_s"]
                     cell[f"{ph}_ratio"] = a / b if a and b else None
                 e0 = [r for r in runs if r["engine"] == "edgellm"]
                 l0 = [r for r in runs if r["engine"] == "llama.cpp"]
                 cell["greedy_first_divergence"] = (
-                    first_divergence(e0[0]["tokens"], l0[0]["tokens"]) if e0 and l0 else None)
-                cell["load_range"] = [min((r["load_before"][0] for r in runs), default=None),
-                                      max((r["load_after"][0] for r in runs), default=None)]
+                    first_divergence(e0[0]["tokens"], l0[0]["tokens"]) if e0 and l0 else None
+                )
+                cell["load_range"] = [
+                    min((r["load_before"][0] for r in runs), default=None),
+                    max((r["load_after"][0] for r in runs), default=None),
+                ]
                 cell["busy_before_max"] = max((r["busy_before"] for r in runs), default=None)
                 cell["errors"] = [r["error"] for r in rows if r["kind"] == "error"]
-                cell["meets_decode_target"] = (cell["decode_ratio"] is not None
-                                               and cell["decode_ratio"] >= DECODE_TARGET)
-                out.write(cell)
+                cell["meets_decode_target"] = (
+                    cell["decode_ratio"] is not None and cell["decode_ratio"] >= DECODE_TARGET
+                )
                 cells.append(cell)
                 common.log(
                     f"  prefill {fmt_rate(cell['edgellm_prefill_tok_s'])} vs "
@@ -347,25 +440,38 @@ def bench_cells(args: argparse.Namespace, out: common.JsonLines, ctx: dict[str, 
                     f"{fmt_rate(cell['edgellm_decode_tok_s'])} vs "
                     f"{fmt_rate(cell['llamacpp_decode_tok_s'])} tok/s "
                     f"({fmt_ratio(cell['decode_ratio'])}x), bound "
-                    f"{fmt_rate(cell['decode_bound_tok_s'])}")
+                    f"{fmt_rate(cell['decode_bound_tok_s'])} so far"
+                )
+    for cell in cells:  # the bound from the best bandwidth of the whole run
+        t = cell["threads"]
+        cell["bandwidth_bytes_per_s"] = bw[t]
+        cell["decode_bound_tok_s"] = bw[t] / cell["bytes_per_token"]
+        out.write(cell)
     return cells
 
 
-def bench_rss(args: argparse.Namespace, out: common.JsonLines, ctx: dict[str, Any]
-              ) -> list[dict[str, Any]]:
+def bench_rss(
+    args: argparse.Namespace, out: common.JsonLines, ctx: dict[str, Any]
+) -> list[dict[str, Any]]:
     res = []
     threads = max(args.threads)
     for model in args.models:
         for qtype in args.types:
             path = common.model_path(model, qtype)
-            row: dict[str, Any] = {**ctx, "kind": "rss_summary", "model": model,
-                                   "type": qtype.upper(), "threads": threads,
-                                   "file_bytes": path.stat().st_size}
+            row: dict[str, Any] = {
+                **ctx,
+                "kind": "rss_summary",
+                "model": model,
+                "type": qtype.upper(),
+                "threads": threads,
+                "file_bytes": path.stat().st_size,
+            }
             for eng in ("edgellm", "llama.cpp"):
                 rows = run_child("rss", model, qtype, threads, args, engines=eng)
                 for r in rows:
-                    out.write({**ctx, "model": model, "type": qtype.upper(), "threads": threads,
-                               **r})
+                    out.write(
+                        {**ctx, "model": model, "type": qtype.upper(), "threads": threads, **r}
+                    )
                 got = [r for r in rows if r["kind"] == "rss"]
                 key = "edgellm" if eng == "edgellm" else "llamacpp"
                 row[f"{key}_peak_rss"] = got[0]["VmHWM"] if got else None
@@ -377,19 +483,24 @@ def bench_rss(args: argparse.Namespace, out: common.JsonLines, ctx: dict[str, An
                     row["edgellm_baseline_rss"] = got[0]["baseline"]["VmRSS"]
             if row.get("kv_cache_bytes") is not None:
                 row["goal_bytes"] = row["file_bytes"] + row["kv_cache_bytes"] + RSS_SLACK
-                row["meets_rss_goal"] = (row["edgellm_peak_rss"] is not None
-                                         and row["edgellm_peak_rss"] <= row["goal_bytes"])
+                row["meets_rss_goal"] = (
+                    row["edgellm_peak_rss"] is not None
+                    and row["edgellm_peak_rss"] <= row["goal_bytes"]
+                )
             out.write(row)
             res.append(row)
             mib = 2**20
-            common.log(f"RSS {model} {qtype}: edgellm {(row['edgellm_peak_rss'] or 0) / mib:.0f} "
-                       f"MiB (goal {row.get('goal_bytes', 0) / mib:.0f}), llama.cpp "
-                       f"{(row['llamacpp_peak_rss'] or 0) / mib:.0f} MiB")
+            common.log(
+                f"RSS {model} {qtype}: edgellm {(row['edgellm_peak_rss'] or 0) / mib:.0f} "
+                f"MiB (goal {row.get('goal_bytes', 0) / mib:.0f}), llama.cpp "
+                f"{(row['llamacpp_peak_rss'] or 0) / mib:.0f} MiB"
+            )
     return res
 
 
-def bench_overhead(args: argparse.Namespace, out: common.JsonLines, ctx: dict[str, Any]
-                   ) -> list[dict[str, Any]]:
+def bench_overhead(
+    args: argparse.Namespace, out: common.JsonLines, ctx: dict[str, Any]
+) -> list[dict[str, Any]]:
     res = []
     model = "smollm-135m"
     for qtype in args.types:
@@ -405,44 +516,59 @@ def bench_overhead(args: argparse.Namespace, out: common.JsonLines, ctx: dict[st
             for mode in ("generate", "eval"):
                 mine = [r for r in runs if r["mode"] == mode and r["c_calls"]]
                 row[f"{mode}_ms_per_token"] = common.median(
-                    r["decode_s"] / r["c_calls"] * 1e3 for r in mine)
+                    r["decode_s"] / r["c_calls"] * 1e3 for r in mine
+                )
                 row[f"{mode}_c_ms_per_token"] = common.median(
-                    r["c_s"] / r["c_calls"] * 1e3 for r in mine)
+                    r["c_s"] / r["c_calls"] * 1e3 for r in mine
+                )
                 row[f"{mode}_python_us_per_token"] = common.median(
-                    (r["decode_s"] - r["c_s"]) / r["c_calls"] * 1e6 for r in mine)
+                    (r["decode_s"] - r["c_s"]) / r["c_calls"] * 1e6 for r in mine
+                )
                 row[f"{mode}_overhead_pct"] = common.median(
-                    100 * (r["decode_s"] - r["c_s"]) / r["decode_s"] for r in mine)
+                    100 * (r["decode_s"] - r["c_s"]) / r["decode_s"] for r in mine
+                )
             row["generated_tokens"] = runs[0]["generated_tokens"]
             row["meets_overhead_target"] = row["generate_overhead_pct"] <= OVERHEAD_TARGET
             out.write(row)
             res.append(row)
-            common.log(f"overhead {model} {qtype} t={threads}: generate "
-                       f"{row['generate_ms_per_token']:.3f} ms/token, of which Python "
-                       f"{row['generate_python_us_per_token']:.0f} us = "
-                       f"{row['generate_overhead_pct']:.1f}% (target <= {OVERHEAD_TARGET}%); "
-                       f"Session.eval loop {row['eval_python_us_per_token']:.0f} us = "
-                       f"{row['eval_overhead_pct']:.1f}%")
+            common.log(
+                f"overhead {model} {qtype} t={threads}: generate "
+                f"{row['generate_ms_per_token']:.3f} ms/token, of which Python "
+                f"{row['generate_python_us_per_token']:.0f} us = "
+                f"{row['generate_overhead_pct']:.1f}% (target <= {OVERHEAD_TARGET}%); "
+                f"Session.eval loop {row['eval_python_us_per_token']:.0f} us = "
+                f"{row['eval_overhead_pct']:.1f}%"
+            )
     return res
 
 
-def markdown(ctx: dict[str, Any], bw: dict[int, float], cells: list[dict[str, Any]],
-             rss: list[dict[str, Any]], ovh: list[dict[str, Any]], started: str,
-             args: argparse.Namespace) -> str:
+def markdown(
+    ctx: dict[str, Any],
+    bw: dict[int, float],
+    cells: list[dict[str, Any]],
+    rss: list[dict[str, Any]],
+    ovh: list[dict[str, Any]],
+    started: str,
+    args: argparse.Namespace,
+) -> str:
     m = ctx["machine"]
     lines = [
         f"Measured {started} at commit `{ctx['git']}` on {m['cpu']} ({m['cores']} cores, "
         f"{m['arch']}), edgellm ISA `{ctx['isa']}` built with {ctx['compiler']}, "
         f"llama-cpp-python {ctx['llama_cpp_python']}; prompt {args.prompt_tokens} tokens, "
         f"{args.reps} interleaved repetitions, medians. Read bandwidth: "
-        + ", ".join(f"{bw[t] / 1e9:.1f} GB/s with {t} thread{'s' if t > 1 else ''}"
-                    for t in sorted(bw)) + ".",
+        + ", ".join(
+            f"{bw[t] / 1e9:.1f} GB/s with {t} thread{'s' if t > 1 else ''}" for t in sorted(bw)
+        )
+        + ".",
     ]
     if cells:
         lines += [
             "",
             "| model | type | threads | prefill edgellm | prefill llama.cpp | ratio "
-            "| decode edgellm | decode llama.cpp | ratio | bound | >= 0.8x | others' CPU |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|---|",
+            "| decode edgellm | decode llama.cpp | ratio | bound | >= 0.8x | same greedy tokens "
+            "| others' CPU |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|:-:|--:|--:|",
         ]
     for c in cells:
         ok = "yes" if c["meets_decode_target"] else "**no**"
@@ -451,18 +577,27 @@ def markdown(ctx: dict[str, Any], bw: dict[int, float], cells: list[dict[str, An
             f"| {fmt_rate(c['edgellm_prefill_tok_s'])} | {fmt_rate(c['llamacpp_prefill_tok_s'])} "
             f"| {fmt_ratio(c['prefill_ratio'])} | {fmt_rate(c['edgellm_decode_tok_s'])} "
             f"| {fmt_rate(c['llamacpp_decode_tok_s'])} | {fmt_ratio(c['decode_ratio'])} "
-            f"| {fmt_rate(c['decode_bound_tok_s'])} | {ok} "
-            f"| {_pct(c['busy_before_max'])} |")
+            f"| {fmt_rate(c['decode_bound_tok_s'])} | {ok} | {_agree(c)} "
+            f"| {_pct(c['busy_before_max'])} |"
+        )
     if cells:
         lines.append("")
-        lines.append("Rates are tokens/s; decode is over "
-                     + ", ".join(sorted({f"{c['decode_tokens']}" for c in cells}))
-                     + " generated tokens; bound = read bandwidth / bytes of weights read per "
-                     "token; others' CPU = the most CPU other processes used in the 0.5 s "
-                     "before any of the cell's runs (all cores = 100%).")
+        lines.append(
+            "Rates are tokens/s; decode is over "
+            + ", ".join(sorted({f"{c['decode_tokens']}" for c in cells}))
+            + " generated tokens; bound = read bandwidth (the best seen during the "
+            "run) / bytes of weights read per token; same greedy tokens = generated "
+            "tokens before the engines' first difference (first repetition); "
+            "others' CPU = the most CPU other processes used in the 0.5 s "
+            "before any of the cell's runs (all cores = 100%)."
+        )
     if rss:
-        lines += ["", "| model | type | file | KV cache (n_ctx) | goal | edgellm peak RSS "
-                  "| llama.cpp peak RSS | meets goal |", "|---|---|--:|--:|--:|--:|--:|:-:|"]
+        lines += [
+            "",
+            "| model | type | file | KV cache (n_ctx) | goal | edgellm peak RSS "
+            "| llama.cpp peak RSS | meets goal |",
+            "|---|---|--:|--:|--:|--:|--:|:-:|",
+        ]
         mib = 2**20
         for r in rss:
             lines.append(
@@ -472,18 +607,23 @@ def markdown(ctx: dict[str, Any], bw: dict[int, float], cells: list[dict[str, An
                 f"| {r.get('goal_bytes', 0) / mib:.0f} MiB "
                 f"| {(r['edgellm_peak_rss'] or 0) / mib:.0f} MiB "
                 f"| {(r['llamacpp_peak_rss'] or 0) / mib:.0f} MiB "
-                f"| {'yes' if r.get('meets_rss_goal') else '**no**'} |")
+                f"| {'yes' if r.get('meets_rss_goal') else '**no**'} |"
+            )
     if ovh:
-        lines += ["", "| model | type | threads | generate ms/token | in C | Python us/token "
-                  "| overhead | <= 3% | Session.eval loop: Python us/token | overhead |",
-                  "|---|---|--:|--:|--:|--:|--:|:-:|--:|--:|"]
+        lines += [
+            "",
+            "| model | type | threads | generate ms/token | in C | Python us/token "
+            "| overhead | <= 3% | Session.eval loop: Python us/token | overhead |",
+            "|---|---|--:|--:|--:|--:|--:|:-:|--:|--:|",
+        ]
         for r in ovh:
             lines.append(
                 f"| {common.MODELS[r['model']]['label']} | {r['type']} | {r['threads']} "
                 f"| {r['generate_ms_per_token']:.2f} | {r['generate_c_ms_per_token']:.2f} "
                 f"| {r['generate_python_us_per_token']:.0f} | {r['generate_overhead_pct']:.1f}% "
                 f"| {'yes' if r['meets_overhead_target'] else '**no**'} "
-                f"| {r['eval_python_us_per_token']:.0f} | {r['eval_overhead_pct']:.1f}% |")
+                f"| {r['eval_python_us_per_token']:.0f} | {r['eval_overhead_pct']:.1f}% |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -498,24 +638,39 @@ def update_docs(table: str) -> None:
     common.log(f"updated {DOCS}")
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(common.MODELS),
-                    help=f"comma-separated, from {', '.join(common.MODELS)}")
+    ap.add_argument(
+        "--models",
+        default=",".join(common.MODELS),
+        help=f"comma-separated, from {', '.join(common.MODELS)}",
+    )
     ap.add_argument("--types", default=",".join(common.TYPES), help="q8_0,q4_0")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions per engine")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--decode-tokens-1b-1t", type=int, default=0,
-                    help="fewer decode tokens for TinyLlama at 1 thread (0 = --decode-tokens)")
+    ap.add_argument(
+        "--decode-tokens-1b-1t",
+        type=int,
+        default=0,
+        help="fewer decode tokens for TinyLlama at 1 thread (0 = --decode-tokens)",
+    )
     ap.add_argument("--n-ctx", type=int, default=512, help="context of the speed runs")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed,rss,overhead")
-    ap.add_argument("--docs", choices=("auto", "yes", "no"), default="auto",
-                    help="write the table into docs/benchmarks.md (auto: after a full default run)")
-    ap.add_argument("--quiet-wait", type=float, default=0.0,
-                    help="before each run, wait up to this many seconds for the other processes "
-                         "to use less than --max-busy of the CPUs (0: no wait; busy is recorded)")
+    ap.add_argument(
+        "--docs",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="write the table into docs/benchmarks.md (auto: after a full default run)",
+    )
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="before each run, wait up to this many seconds for the other processes "
+        "to use less than --max-busy of the CPUs (0: no wait; busy is recorded)",
+    )
     ap.add_argument("--max-busy", type=float, default=0.25)
     ap.add_argument("--child-timeout", type=int, default=3600)
     # Internal: how the parent starts a child.
@@ -540,47 +695,66 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         args.threads = args.threads_one
         return {"cell": child_cell, "rss": child_rss, "overhead": child_overhead}[args.child](args)
 
-    missing = [(m, t) for m in args.models for t in args.types
-               if not common.model_path(m, t).exists()]
+    missing = [
+        (m, t) for m in args.models for t in args.types if not common.model_path(m, t).exists()
+    ]
     if missing:
         import make_models
 
-        make_models.main(["--models", ",".join(sorted({m for m, _ in missing})),
-                          "--types", ",".join(sorted({t for _, t in missing}))])
+        make_models.main(
+            [
+                "--models",
+                ",".join(sorted({m for m, _ in missing})),
+                "--types",
+                ",".join(sorted({t for _, t in missing})),
+            ]
+        )
     started = common.stamp()
     ctx = common.context()
     out = common.JsonLines("bench")
     from edgellm import _native  # fail here, before any number, if the core does not load
 
     bi = _native.build_info()
-    common.log(f"edgellm {ctx['git']}: ISA {bi['active']} (built {','.join(bi['built_with'])}; "
-               f"CPU has {','.join(bi['has'])}), {bi['compiler']}; llama-cpp-python "
-               f"{ctx['llama_cpp_python']}; {ctx['machine']['cpu']} x{ctx['machine']['cores']}; "
-               f"threads {args.threads}; load {common.load_avg()}")
+    common.log(
+        f"edgellm {ctx['git']}: ISA {bi['active']} (built {','.join(bi['built_with'])}; "
+        f"CPU has {','.join(bi['has'])}), {bi['compiler']}; llama-cpp-python "
+        f"{ctx['llama_cpp_python']}; {ctx['machine']['cpu']} x{ctx['machine']['cores']}; "
+        f"threads {args.threads}; load {common.load_avg()}"
+    )
     bw: dict[int, float] = {}
     for t in sorted(set(args.threads)):
+        common.wait_quiet(args.max_busy, args.quiet_wait)
         r = common.read_bandwidth(t)
         bw[t] = r["best_bytes_per_s"]
         out.write({**ctx, "kind": "bandwidth", **r, "load": common.load_avg()})
-        common.log(f"read bandwidth, {t} thread(s): {bw[t] / 1e9:.1f} GB/s best, "
-                   f"{r.get('median_bytes_per_s', bw[t]) / 1e9:.1f} GB/s median")
+        common.log(
+            f"read bandwidth, {t} thread(s): {bw[t] / 1e9:.1f} GB/s best, "
+            f"{r.get('median_bytes_per_s', bw[t]) / 1e9:.1f} GB/s median"
+        )
     cells = [] if "speed" in args.skip else bench_cells(args, out, ctx, bw)
     rss = [] if "rss" in args.skip else bench_rss(args, out, ctx)
-    ovh = [] if "overhead" in args.skip or "smollm-135m" not in args.models \
+    ovh = (
+        []
+        if "overhead" in args.skip or "smollm-135m" not in args.models
         else bench_overhead(args, out, ctx)
+    )
     table = markdown(ctx, bw, cells, rss, ovh, started, args)
     md = common.OUT_DIR / out.path.name.replace("bench-", "results-").replace(".jsonl", ".md")
     md.write_text(table)
     common.log("\n" + table)
     common.log(f"JSON lines: {out.path}\nMarkdown: {md}")
-    default_run = (args.models == list(common.MODELS) and args.types == list(common.TYPES)
-                   and args.threads == [1, 2] and not args.skip)
+    default_run = (
+        args.models == list(common.MODELS)
+        and args.types == list(common.TYPES)
+        and args.threads == [1, 2]
+        and not args.skip
+    )
     if args.docs == "yes" or (args.docs == "auto" and default_run):
         update_docs(table)
     return 0

@@ -11,8 +11,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -26,14 +27,34 @@ if str(REPO) not in sys.path:
 # The two shapes we compare on (random weights; the shapes of the public checkpoints).
 # Names follow the dimension vocabulary of STYLE.md section 5.
 MODELS: dict[str, dict[str, Any]] = {
-    "smollm-135m": dict(
-        label="SmolLM-135M", dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3,
-        head_dim=64, vocab_size=49152, tied=True, rope_base=10000.0, seq_len=2048, norm_eps=1e-5,
-    ),
-    "tinyllama-1.1b": dict(
-        label="TinyLlama-1.1B", dim=2048, hidden_dim=5632, n_layers=22, n_heads=32, n_kv_heads=4,
-        head_dim=64, vocab_size=32000, tied=False, rope_base=10000.0, seq_len=2048, norm_eps=1e-5,
-    ),
+    "smollm-135m": {
+        "label": "SmolLM-135M",
+        "dim": 576,
+        "hidden_dim": 1536,
+        "n_layers": 30,
+        "n_heads": 9,
+        "n_kv_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "tied": True,
+        "rope_base": 10000.0,
+        "seq_len": 2048,
+        "norm_eps": 1e-5,
+    },
+    "tinyllama-1.1b": {
+        "label": "TinyLlama-1.1B",
+        "dim": 2048,
+        "hidden_dim": 5632,
+        "n_layers": 22,
+        "n_heads": 32,
+        "n_kv_heads": 4,
+        "head_dim": 64,
+        "vocab_size": 32000,
+        "tied": False,
+        "rope_base": 10000.0,
+        "seq_len": 2048,
+        "norm_eps": 1e-5,
+    },
 }
 TYPES = ("q8_0", "q4_0")
 
@@ -54,10 +75,20 @@ def median(xs: Iterable[float]) -> float:
 def git_sha() -> str:
     """Short HEAD, with "-dirty" when the work tree differs from it."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
@@ -106,8 +137,12 @@ def wait_quiet(max_busy: float, timeout: float) -> float:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
-            "kernel": platform.release()}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "arch": platform.machine(),
+        "kernel": platform.release(),
+    }
 
 
 def edgellm_info() -> dict[str, Any]:
@@ -116,25 +151,33 @@ def edgellm_info() -> dict[str, Any]:
         from edgellm import _native
 
         bi = _native.build_info()
-        return {"isa": bi.get("active"), "compiler": bi.get("compiler"),
-                "edgellm_version": bi.get("version")}
-    except Exception as exc:  # noqa: BLE001 - report, don't die: the core is under development
+        return {
+            "isa": bi.get("active"),
+            "compiler": bi.get("compiler"),
+            "edgellm_version": bi.get("version"),
+        }
+    except Exception as exc:
         return {"isa": None, "compiler": None, "edgellm_error": f"{type(exc).__name__}: {exc}"}
 
 
-def llamacpp_version() -> Optional[str]:
+def llamacpp_version() -> str | None:
     try:
         import llama_cpp
 
         return str(llama_cpp.__version__)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
 def context() -> dict[str, Any]:
     """The fields every result line carries."""
-    return {"git": git_sha(), "machine": machine(), **edgellm_info(),
-            "llama_cpp_python": llamacpp_version(), "python": platform.python_version()}
+    return {
+        "git": git_sha(),
+        "machine": machine(),
+        **edgellm_info(),
+        "llama_cpp_python": llamacpp_version(),
+        "python": platform.python_version(),
+    }
 
 
 def stamp() -> str:
@@ -177,18 +220,19 @@ def weight_bytes_per_token(path: Path) -> dict[str, int]:
     total = sum(two_d.values())
     embd = two_d["token_embd.weight"]
     row = embd // int(infos["token_embd.weight"].shape[1])  # GGUF order: (dim, vocab_size)
-    if "output.weight" in two_d:
-        per_token = total - embd + row
-    else:
-        per_token = total + row  # tied: token_embd is read in full as the output matrix
-    return {"file_bytes": path.stat().st_size, "weight_bytes_2d": total,
-            "bytes_per_token": per_token}
+    # Tied: token_embd is also the output matrix, so it is read in full besides the row.
+    per_token = total - embd + row if "output.weight" in two_d else total + row
+    return {
+        "file_bytes": path.stat().st_size,
+        "weight_bytes_2d": total,
+        "bytes_per_token": per_token,
+    }
 
 
 _BW_SRC = BENCH_DIR / "bandwidth.c"
 
 
-def _bandwidth_binary() -> Optional[Path]:
+def _bandwidth_binary() -> Path | None:
     """Compile bench/bandwidth.c into bench/out/ (once per source change); None if no compiler."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -198,22 +242,29 @@ def _bandwidth_binary() -> Optional[Path]:
     if exe.exists() and exe.stat().st_mtime >= _BW_SRC.stat().st_mtime:
         return exe
     # -O3 -march=native: the widest loads this CPU has, so the bound is not set by the test.
-    r = subprocess.run([cc, "-O3", "-march=native", "-pthread", "-o", str(exe), str(_BW_SRC)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [cc, "-O3", "-march=native", "-pthread", "-o", str(exe), str(_BW_SRC)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         log(f"bandwidth.c did not compile ({r.stderr.strip()[:200]}); using numpy")
         return None
     return exe
 
 
-def read_bandwidth(threads: int, mib: int = 512, reps: int = 7) -> dict[str, Any]:
+def read_bandwidth(threads: int, mib: int = 512, reps: int = 11) -> dict[str, Any]:
     """Best-of-reps DRAM read bandwidth in bytes/s with `threads` readers over `mib` MiB."""
     exe = _bandwidth_binary()
     if exe is not None:
-        out = subprocess.run([str(exe), str(threads), str(mib), str(reps)], capture_output=True,
-                             text=True, check=True).stdout
-        return {"method": "bench/bandwidth.c", "threads": threads, "mib": mib,
-                **json.loads(out)}
+        out = subprocess.run(
+            [str(exe), str(threads), str(mib), str(reps)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return {"method": "bench/bandwidth.c", "threads": threads, "mib": mib, **json.loads(out)}
     import numpy as np  # fallback: one reader only, so it understates multi-thread bandwidth
 
     a = np.ones(mib * 2**20 // 8, dtype=np.int64)

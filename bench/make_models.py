@@ -17,13 +17,14 @@ import argparse
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 # ggml type ids, block sizes and bytes per block (ggml-common.h).
 GGML_TYPE = {"q8_0": 8, "q4_0": 2}
@@ -134,18 +135,22 @@ def write_model(model: str, qtype: str, out: Path, writer: str) -> Path:
     if writer == "edgellm":
         from edgellm.formats.gguf import RawTensor, write_gguf
 
-        items = [(n, a if t == 0 else RawTensor(a, (a.shape[1] // BLOCK_BYTES[qtype] * QK,
-                                                    a.shape[0])), t)
-                 for n, a, t in tensors]
+        items = [
+            (
+                n,
+                a if t == 0 else RawTensor(a, (a.shape[1] // BLOCK_BYTES[qtype] * QK, a.shape[0])),
+                t,
+            )
+            for n, a, t in tensors
+        ]
         return write_gguf(out, meta, items)
     import gguf  # llama.cpp's own writer
 
     w = gguf.GGUFWriter(str(out), arch="llama")
-    for key, value in meta.items():
+    for key, raw in meta.items():
         if key == "general.architecture":
             continue  # GGUFWriter writes it
-        if isinstance(value, np.ndarray):
-            value = value.tolist()
+        value = raw.tolist() if isinstance(raw, np.ndarray) else raw
         if key == "tokenizer.ggml.token_type":
             w.add_array(key, value)  # ints: INT32, as llama.cpp reads them
         elif isinstance(value, bool):
@@ -175,9 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(common.MODELS), help="comma-separated names")
     ap.add_argument("--types", default=",".join(common.TYPES), help="q8_0,q4_0")
     ap.add_argument("--out", type=Path, default=common.MODELS_DIR)
-    ap.add_argument("--writer", choices=("auto", "edgellm", "gguf"), default="auto",
-                    help="edgellm.formats.gguf.write_gguf or the gguf package's GGUFWriter "
-                         "(auto: edgellm's when it imports; both write identical bytes)")
+    ap.add_argument(
+        "--writer",
+        choices=("auto", "edgellm", "gguf"),
+        default="auto",
+        help="edgellm.formats.gguf.write_gguf or the gguf package's GGUFWriter "
+        "(auto: edgellm's when it imports; both write identical bytes)",
+    )
     ap.add_argument("--force", action="store_true", help="rewrite files that exist")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             from edgellm.formats.gguf import write_gguf  # noqa: F401
 
             args.writer = "edgellm"
-        except Exception:  # noqa: BLE001 - the package is under development; any failure
+        except Exception:
             args.writer = "gguf"
     args.out.mkdir(parents=True, exist_ok=True)
     need = 0
@@ -203,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             need += params // QK * BLOCK_BYTES[t]
     free = shutil.disk_usage(args.out).free
     if free < 2 * need:
-        common.log(f"only {free / 2**30:.1f} GiB free in {args.out}; these files need "
-                   f"{need / 2**30:.1f} GiB (and as much again while writing)")
+        common.log(
+            f"only {free / 2**30:.1f} GiB free in {args.out}; these files need "
+            f"{need / 2**30:.1f} GiB (and as much again while writing)"
+        )
         return 1
     for m in models:
         for t in types:
@@ -214,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             t0 = time.perf_counter()
             write_model(m, t, path, args.writer)
-            common.log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, "
-                       f"{time.perf_counter() - t0:.1f} s, writer {args.writer})")
+            common.log(
+                f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, "
+                f"{time.perf_counter() - t0:.1f} s, writer {args.writer})"
+            )
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output")
 GGML_TYPE = {"q8_0": 8, "q4_0": 2}
@@ -47,15 +47,20 @@ def weights(path: Path, n_layers: int) -> list[tuple[str, np.ndarray, int, int, 
     return out
 
 
-def replay(ws: list[tuple[str, np.ndarray, int, int, int]], isa: int, n_tok: int, reps: int,
-           hot: bool = False) -> dict[str, float]:
+def replay(
+    ws: list[tuple[str, np.ndarray, int, int, int]],
+    isa: int,
+    n_tok: int,
+    reps: int,
+    hot: bool = False,
+) -> dict[str, float]:
     """Median seconds per kind (summed over layers) of one step over n_tok tokens.
 
     hot: every layer's call uses layer 0's matrix instead, so weights that fit in L2/L3 come
     from cache: the kernel's compute speed, without DRAM.
     """
     if hot:
-        first = {}
+        first: dict[str, tuple[str, np.ndarray, int, int, int]] = {}
         for w in ws:
             first.setdefault(w[0], w)
         ws = [first[w[0]] for w in ws]
@@ -69,8 +74,9 @@ def replay(ws: list[tuple[str, np.ndarray, int, int, int]], isa: int, n_tok: int
         x = rng.standard_normal((n_tok, cols)).astype(np.float32)
         q = np.empty(n_tok * cols // 32 * 34, dtype=np.uint8)
         for t in range(n_tok):
-            lib.edgellm_quantize(8, ffi.from_buffer("float[]", x[t]),
-                                 ffi.from_buffer(q[t * cols // 32 * 34:]), cols)
+            lib.edgellm_quantize(
+                8, ffi.from_buffer("float[]", x[t]), ffi.from_buffer(q[t * cols // 32 * 34 :]), cols
+            )
         xq[cols] = ffi.from_buffer(q)
     y = np.empty(n_tok * max_rows, dtype=np.float32)
     y_c = ffi.from_buffer("float[]", y, require_writable=True)
@@ -92,10 +98,10 @@ def replay(ws: list[tuple[str, np.ndarray, int, int, int]], isa: int, n_tok: int
 
 def session_step(path: Path, threads: int, n_tok: int, reps: int) -> float:
     """Median seconds of one edgellm_session_eval of n_tok tokens after a 128-token prompt."""
-    import edgellm
     from edgellm._native import ffi, lib
+    from edgellm.runtime.model import Model
 
-    m = edgellm.Model(path, n_threads=threads, n_ctx=512)
+    m = Model(path, n_threads=threads, n_ctx=512)
     s = m.session()
     rng = np.random.default_rng(1)
     prompt = [1] + [int(v) for v in rng.integers(259, m.config.vocab_size, 127)]
@@ -134,14 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     ws = weights(path, spec["n_layers"])
     names = _native.isa_names()
     bi = _native.build_info()
-    isas = [i for i in args.isas.split(",") if i] or [n for n in bi["has"]
-                                                       if n != "generic"] or ["generic"]
+    isas = (
+        [i for i in args.isas.split(",") if i]
+        or [n for n in bi["has"] if n != "generic"]
+        or ["generic"]
+    )
     bw1 = common.read_bandwidth(1)["best_bytes_per_s"]
     ctx = common.context()
     out = common.JsonLines("profile")
-    common.log(f"{args.model} {args.type}: {ctx['git']}, {ctx['machine']['cpu']}, active ISA "
-               f"{bi['active']}, load {common.load_avg()}; 1-thread read bandwidth "
-               f"{bw1 / 1e9:.1f} GB/s")
+    common.log(
+        f"{args.model} {args.type}: {ctx['git']}, {ctx['machine']['cpu']}, active ISA "
+        f"{bi['active']}, load {common.load_avg()}; 1-thread read bandwidth "
+        f"{bw1 / 1e9:.1f} GB/s"
+    )
     bytes_kind: dict[str, int] = defaultdict(int)
     ops_kind: dict[str, int] = defaultdict(int)
     for k, d, _, rows, cols in ws:
@@ -153,33 +164,59 @@ def main(argv: list[str] | None = None) -> int:
             res = replay(ws, names.index(isa), n_tok, args.reps)
             hot = replay(ws, names.index(isa), n_tok, args.reps, hot=True)
             total = sum(res.values())
-            common.log(f"\nn_tok={n_tok} isa={isa}: matmuls {total * 1e3:.2f} ms per step "
-                       f"(hot: {sum(hot.values()) * 1e3:.2f}) "
-                       f"(1 thread); session step {step[1] * 1e3:.2f} ms at 1 thread, "
-                       f"{step[2] * 1e3:.2f} ms at 2 threads -> matmuls are "
-                       f"{100 * total / step[1]:.0f}% of the 1-thread step"
-                       + (" (active ISA)" if isa == bi["active"] else ""))
-            common.log(f"  {'kind':12s} {'ms/step':>8s} {'share':>6s} {'GB/s':>6s} "
-                       f"{'GOP/s':>7s} {'of bw':>6s} {'hot ms':>8s} {'hot GB/s':>9s}")
+            common.log(
+                f"\nn_tok={n_tok} isa={isa}: matmuls {total * 1e3:.2f} ms per step "
+                f"(hot: {sum(hot.values()) * 1e3:.2f}) "
+                f"(1 thread); session step {step[1] * 1e3:.2f} ms at 1 thread, "
+                f"{step[2] * 1e3:.2f} ms at 2 threads -> matmuls are "
+                f"{100 * total / step[1]:.0f}% of the 1-thread step"
+                + (" (active ISA)" if isa == bi["active"] else "")
+            )
+            common.log(
+                f"  {'kind':12s} {'ms/step':>8s} {'share':>6s} {'GB/s':>6s} "
+                f"{'GOP/s':>7s} {'of bw':>6s} {'hot ms':>8s} {'hot GB/s':>9s}"
+            )
             for k in KINDS:
                 if k not in res:
                     continue
                 gbs = bytes_kind[k] / res[k] / 1e9
                 gops = ops_kind[k] * n_tok / res[k] / 1e9
-                common.log(f"  {k:12s} {res[k] * 1e3:8.3f} {100 * res[k] / total:5.1f}% "
-                           f"{gbs:6.1f} {gops:7.1f} {100 * gbs * 1e9 / bw1:5.0f}% "
-                           f"{hot[k] * 1e3:8.3f} {bytes_kind[k] / hot[k] / 1e9:9.1f}")
-                out.write({**ctx, "kind": "profile_matmul", "model": args.model,
-                           "type": args.type.upper(), "isa_replayed": isa, "n_tok": n_tok,
-                           "matrix": k, "s_per_step": res[k], "bytes": bytes_kind[k],
-                           "ops_per_token": ops_kind[k], "gb_per_s": gbs, "gop_per_s": gops,
-                           "hot_s_per_step": hot[k],
-                           "load": common.load_avg()})
-            row: dict[str, Any] = {**ctx, "kind": "profile_step", "model": args.model,
-                                   "type": args.type.upper(), "isa_replayed": isa,
-                                   "n_tok": n_tok, "matmul_s": total,
-                                   "session_step_s_1t": step[1], "session_step_s_2t": step[2],
-                                   "bandwidth_1t": bw1, "load": common.load_avg()}
+                common.log(
+                    f"  {k:12s} {res[k] * 1e3:8.3f} {100 * res[k] / total:5.1f}% "
+                    f"{gbs:6.1f} {gops:7.1f} {100 * gbs * 1e9 / bw1:5.0f}% "
+                    f"{hot[k] * 1e3:8.3f} {bytes_kind[k] / hot[k] / 1e9:9.1f}"
+                )
+                out.write(
+                    {
+                        **ctx,
+                        "kind": "profile_matmul",
+                        "model": args.model,
+                        "type": args.type.upper(),
+                        "isa_replayed": isa,
+                        "n_tok": n_tok,
+                        "matrix": k,
+                        "s_per_step": res[k],
+                        "bytes": bytes_kind[k],
+                        "ops_per_token": ops_kind[k],
+                        "gb_per_s": gbs,
+                        "gop_per_s": gops,
+                        "hot_s_per_step": hot[k],
+                        "load": common.load_avg(),
+                    }
+                )
+            row: dict[str, Any] = {
+                **ctx,
+                "kind": "profile_step",
+                "model": args.model,
+                "type": args.type.upper(),
+                "isa_replayed": isa,
+                "n_tok": n_tok,
+                "matmul_s": total,
+                "session_step_s_1t": step[1],
+                "session_step_s_2t": step[2],
+                "bandwidth_1t": bw1,
+                "load": common.load_avg(),
+            }
             out.write(row)
     common.log(f"\nJSON lines: {out.path}")
     del lib

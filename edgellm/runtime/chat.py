@@ -257,6 +257,6 @@ def _render_jinja(template: str, msgs: list[dict[str, Any]], gen: bool, bos: str
         raise
     except jinja2.exceptions.SecurityError as exc:
         raise ModelFormatError(f"the chat template broke the sandbox: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 (the template is data: any failure is the input's)
+    except Exception as exc:
         raise InvalidArgumentError(
             f"the chat template failed on these messages: {type(exc).__name__}: {exc}") from None
