@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import numpy as np
 
@@ -25,6 +25,9 @@ _QUANTISED = (GGMLType.Q8_0, GGMLType.Q4_0)
 _OWN_KEYS = ("general.alignment", "general.file_type", "general.quantization_version",
              "edgellm.source", "edgellm.converter_version")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+#: A per-tensor type choice: (GGUF tensor name, numpy shape) -> ggml type (see hub/quantize.py).
+Recipe = Callable[[str, tuple[int, ...]], GGMLType]
 
 
 def detect_source(src: str | os.PathLike[str]) -> str:
@@ -96,7 +99,8 @@ class _Progress:
 def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
             type: str = "f16", *, tokenizer: str | os.PathLike[str] | None = None,
             name: str | None = None, log: IO[str] | None = sys.stderr,
-            progress: bool | None = None) -> Path:
+            progress: bool | None = None, recipe: Recipe | None = None,
+            extra_metadata: dict[str, Any] | None = None) -> Path:
     """Convert a model to an edgellm (llama.cpp-compatible) GGUF file.
 
     Args:
@@ -108,6 +112,9 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
         name: general.name (default: the source's folder or file name).
         log: where notes (F16 fallbacks) and progress go; None for silence.
         progress: show the progress line (default: when log is a terminal).
+        recipe: chooses each tensor's type instead of tensor_type(name, shape, type); `type`
+            still sets general.file_type (e.g. "q4_0" for a mostly-Q4_0 mix).
+        extra_metadata: keys written after (and overriding) the ones convert() sets.
 
     Returns:
         The path written.
@@ -126,8 +133,10 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
     if tokenizer is not None and kind != "llama2c":
         raise InvalidArgumentError("tokenizer= applies only to llama2.c checkpoints")
     report = _Progress(log, progress)
+    choose: Recipe = recipe or (lambda n, shape: tensor_type(n, shape, target))
+    extra = dict(extra_metadata or {})
     if kind == "gguf":
-        return _requantise(src_p, out_p, target, name, report)
+        return _requantise(src_p, out_p, target, name, report, choose, extra)
     if kind == "hf":
         from .hf import import_hf
 
@@ -138,7 +147,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
         model = import_llama2c(src_p, tokenizer)
     tensors: list[tuple[str, TensorSource, int]] = []
     for tname, lazy in model.tensors:
-        t = tensor_type(tname, lazy.shape, target)
+        t = choose(tname, tuple(lazy.shape))
         if t != target and t == GGMLType.F16:
             report.note(f"{tname}: row length {lazy.shape[-1]} is not a multiple of 32, "
                         "stored as F16")
@@ -146,6 +155,7 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str],
     meta = _general(model.arch, name or model.name, target)
     meta.update(model.metadata)
     meta.update(_edgellm_keys(model.source))
+    meta.update(extra)
     return gguf.write_gguf(out_p, meta, tensors, progress=report)
 
 
@@ -162,7 +172,7 @@ def _edgellm_keys(source: str) -> dict[str, Any]:
 
 
 def _requantise(src: Path, out: Path, target: GGMLType, name: str | None,
-                report: _Progress) -> Path:
+                report: _Progress, choose: Recipe, extra: dict[str, Any]) -> Path:
     """Rewrite a GGUF with 2-D weights in the target type, keeping every other key."""
     with gguf.read_gguf(src) as f:
         arch = f.architecture
@@ -173,10 +183,11 @@ def _requantise(src: Path, out: Path, target: GGMLType, name: str | None,
             if key not in meta and key not in _OWN_KEYS:
                 meta[key] = value
         meta.update(_edgellm_keys(f"gguf:{src.name}"))
+        meta.update(extra)
         tensors: list[tuple[str, TensorSource, int]] = []
         for info in f.tensors.values():
             shape = info.shape[::-1]  # numpy order
-            t = tensor_type(info.name, shape, target)
+            t = choose(info.name, tuple(shape))
             if t != target and t == GGMLType.F16:
                 report.note(f"{info.name}: row length {shape[-1]} is not a multiple of 32, "
                             "stored as F16")
