@@ -296,7 +296,7 @@ static void el_task_norm(void *arg, int ith, int nth) {
     for (int64_t t = t0; t < t1; t++) {
         float *xn = s->xn + t * dim;
         el_rmsnorm(xn, s->x + (P->row0 + t) * dim, P->norm_w, dim, s->m->cfg.norm_eps);
-        if (P->norm_quant) el_quantize_row_q8_0(xn, s->xq_in + t * (dim / EL_QK), dim);
+        if (P->norm_quant) P->kt->quantize_q8_0(xn, s->xq_in + t * (dim / EL_QK), dim);
     }
 }
 
@@ -399,7 +399,7 @@ static void el_task_attention(void *arg, int ith, int nth) {
             for (int64_t r = 0; r < n_rep; r++) el_scale(o + r * hd, 1.0f / ml[n_rep + r], hd);
             // n_rep * head_dim % 32 == 0 here: this kv head's slice of the row is whole blocks.
             if (P->quant_out)
-                el_quantize_row_q8_0(o, s->xq_mid + t * (qd / EL_QK) + g * n_rep * hd / EL_QK,
+                P->kt->quantize_q8_0(o, s->xq_mid + t * (qd / EL_QK) + g * n_rep * hd / EL_QK,
                                      n_rep * hd);
         } else {
             // One chunk: keep its partial result for el_merge_chunks.
@@ -460,7 +460,8 @@ static void el_task_ffn_up(void *arg, int ith, int nth) {
         float *h = s->hb + t * hid + r0;
         el_silu_mul(h, s->hb2 + t * hid + r0, r1 - r0);
         // r0 is a multiple of 32 and hidden_dim too (W_down is quantised): whole blocks.
-        if (P->quant_out) el_quantize_row_q8_0(h, s->xq_mid + t * (hid / EL_QK) + r0 / EL_QK, r1 - r0);
+        if (P->quant_out)
+            P->kt->quantize_q8_0(h, s->xq_mid + t * (hid / EL_QK) + r0 / EL_QK, r1 - r0);
     }
 }
 
@@ -569,8 +570,8 @@ static void el_forward(edgellm_session *s, const el_kernel_table *kt, const int3
         if (P->att_split > 1) el_merge_chunks(s, P->att_split);
         if (wo_quant && !P->quant_out)  // not quantised by the attention units: whole rows here
             for (int64_t t = 0; t < n; t++)
-                el_quantize_row_q8_0(s->att + t * m->q_dim, s->xq_mid + t * (m->q_dim / EL_QK),
-                                     m->q_dim);
+                kt->quantize_q8_0(s->att + t * m->q_dim, s->xq_mid + t * (m->q_dim / EL_QK),
+                                  m->q_dim);
         P->w = &L->wo;
         P->xf = s->att;
         P->xq = s->xq_mid;

@@ -38,10 +38,15 @@ typedef void (*el_matmul_fn)(const void *w, size_t w_row_bytes, const void *x, s
                              float *y, int64_t y_stride, int64_t cols, int64_t r0, int64_t r1,
                              int64_t n_tok);
 
+// Activation quantizer: x: [n] f32 -> y: [n / 32] Q8_0 blocks, n a multiple of EL_QK; every
+// entry is byte-exact with el_quantize_row_q8_0 (the generic oracle).
+typedef void (*el_quantize_fn)(const float *x, el_block_q8_0 *y, int64_t n);
+
 typedef struct {
     int32_t isa;                     // edgellm_isa
     const char *name;                // "generic", "avx2", ...
     el_matmul_fn matmul[EL_WK_COUNT];  // indexed by EL_WK_*
+    el_quantize_fn quantize_q8_0;    // activations for the quantised matmuls
 } el_kernel_table;
 
 // Weight kind for an edgellm_type, or -1.
@@ -56,6 +61,7 @@ const el_kernel_table *el_kernels_for(int32_t isa);
 float el_f16_to_f32(uint16_t h);
 uint16_t el_f32_to_f16(float f);
 void el_quantize_row_q8_0(const float *x, el_block_q8_0 *y, int64_t n);  // x: [n] -> [n/32]
+void el_quantize_row_q8_0_avx512(const float *x, el_block_q8_0 *y, int64_t n);  // same bytes
 void el_quantize_row_q4_0(const float *x, el_block_q4_0 *y, int64_t n);  // x: [n] -> [n/32]
 void el_dequantize_row_q8_0(const el_block_q8_0 *x, float *y, int64_t n);
 void el_dequantize_row_q4_0(const el_block_q4_0 *x, float *y, int64_t n);

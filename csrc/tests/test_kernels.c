@@ -365,6 +365,41 @@ static void test_isa_matmul(const el_kernel_table *k) {
     }
 }
 
+// The table's activation quantizer against el_quantize_row_q8_0, byte for byte: random rows
+// over many magnitudes (tiny ones give a subnormal d, so id = inf and x * id is inf or NaN),
+// exact ties of x * id, zeros, constant blocks, and a misaligned source.
+static void test_isa_quantize(const el_kernel_table *k) {
+    enum { NB = 67 };  // odd block count
+    float *buf = malloc((NB * EL_QK + 1) * sizeof(float));
+    el_block_q8_0 want[NB], got[NB];
+    el_rng rng = {777 + (uint64_t)k->isa};
+    int bad = 0, cases = 0;
+    for (int rep = 0; rep < 200; rep++) {
+        float *x = buf + (rep & 1);  // misaligned every other case
+        for (int b = 0; b < NB; b++) {
+            float mag = ldexpf(1.0f, el_rng_int(&rng, -140, 40));
+            int kind = el_rng_int(&rng, 0, 5);
+            for (int j = 0; j < EL_QK; j++) {
+                float *v = x + b * EL_QK + j;
+                switch (kind) {
+                    case 0: *v = 0.0f; break;
+                    case 1: *v = -mag; break;
+                    case 2:  // amax 127 gives id = 1: every other value an exact tie k + 0.5
+                        *v = j == 0 ? 127.0f : (float)el_rng_int(&rng, -126, 126) + (j & 1 ? 0.5f : 0.0f);
+                        break;
+                    default: *v = el_rng_float(&rng) * mag; break;
+                }
+            }
+        }
+        el_quantize_row_q8_0(x, want, NB * EL_QK);
+        k->quantize_q8_0(x, got, NB * EL_QK);
+        bad += memcmp(want, got, sizeof want) != 0;
+        cases++;
+    }
+    free(buf);
+    EL_CHECK(bad == 0, "%s quantize_q8_0: %d of %d rows differ from generic", k->name, bad, cases);
+}
+
 // --------------------------------------------------------------------------
 // ISA selection and the public matmul entry points
 
@@ -471,6 +506,7 @@ int main(void) {
         }
         int before = el_test_failures;
         test_isa_matmul(k);
+        test_isa_quantize(k);
         printf(" %s%s", k->name, el_test_failures > before ? "(FAILED)" : "");
         fflush(stdout);
     }

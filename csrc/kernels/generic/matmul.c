@@ -111,4 +111,5 @@ const el_kernel_table el_kernels_generic = {
         [EL_WK_Q4_0] = el_matmul_q4_0_q8_0_generic,
         [EL_WK_Q8_0] = el_matmul_q8_0_q8_0_generic,
     },
+    .quantize_q8_0 = el_quantize_row_q8_0,
 };

@@ -278,4 +278,5 @@ const el_kernel_table el_kernels_neon = {
         [EL_WK_Q4_0] = el_matmul_q4_0_q8_0_neon,
         [EL_WK_Q8_0] = el_matmul_q8_0_q8_0_neon,
     },
+    .quantize_q8_0 = el_quantize_row_q8_0,  // the generic one: no SIMD quantizer for this ISA yet
 };

@@ -191,4 +191,5 @@ const el_kernel_table el_kernels_neon_dotprod = {
         [EL_WK_Q4_0] = el_matmul_q4_0_q8_0_neon_dotprod,
         [EL_WK_Q8_0] = el_matmul_q8_0_q8_0_neon_dotprod,
     },
+    .quantize_q8_0 = el_quantize_row_q8_0,  // the generic one: no SIMD quantizer for this ISA yet
 };
