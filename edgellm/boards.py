@@ -139,8 +139,9 @@ _SPECS: dict[str, _Spec] = {
     "cores": _Spec("int", "4", "cores", low=1, high=1024),
     "isa_features": _Spec("list", '["neon", "dotprod"]', "", choices=ISA_FEATURES),
     "ram_mb": _Spec("int", "4096", "MiB", low=16, high=1 << 24),
-    "ram_share": _Spec("float", "0.75  (a fraction of RAM, 0 < x <= 1)", "of RAM",
-                       low=0.0, high=1.0, low_open=True),
+    # At least 1%: a smaller share rounds a small board's budget down to nothing.
+    "ram_share": _Spec("float", "0.75  (a fraction of RAM, 0.01 <= x <= 1)", "of RAM",
+                       low=0.01, high=1.0),
     "storage_gb": _Spec("float", "32", "GB", low=0.0, high=1e6, low_open=True),
     "mem_bandwidth_gbs": _Spec("float", "17.1  (peak DRAM GB/s)", "GB/s",
                                low=0.0, high=1e5, low_open=True),
@@ -262,7 +263,7 @@ class BoardProfile:
     cores: int
     isa_features: tuple[str, ...]  # required ISA features (ISA_FEATURES vocabulary)
     ram_mb: int  # installed RAM, MiB
-    ram_share: float  # fraction of RAM edgellm may use, 0 < x <= 1
+    ram_share: float  # fraction of RAM edgellm may use, 0.01 <= x <= 1
     storage_gb: float  # storage for models, GB
     mem_bandwidth_gbs: float  # peak DRAM bandwidth, GB/s (1e9 bytes/s)
     sustained_factor: float  # sustained (throttled) fraction of peak bandwidth, 0 < x <= 1

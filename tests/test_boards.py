@@ -151,7 +151,7 @@ BAD = [
     ("float for int", sub("ram_mb = 4096", "ram_mb = 4096.0"), "ram_mb", "write ram_mb = 4096"),
     ("bool for int", sub("cores = 4", "cores = true"), "cores", "write cores = 4"),
     ("string for float", sub("ram_share = 0.75", 'ram_share = "75%"'), "ram_share", "write ram_share = 0.75"),
-    ("share above 1", sub("ram_share = 0.75", "ram_share = 1.5"), "ram_share", "0 < ram_share <= 1"),
+    ("share above 1", sub("ram_share = 0.75", "ram_share = 1.5"), "ram_share", "0.01 <= ram_share <= 1"),
     ("zero factor", sub("sustained_factor = 0.5", "sustained_factor = 0"), "sustained_factor",
      "write sustained_factor = 0.5"),
     ("no cores", sub("cores = 4", "cores = 0"), "cores", "write cores = 4"),
