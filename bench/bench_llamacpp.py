@@ -9,13 +9,15 @@ children measure edgellm's peak RSS and its Python overhead per generated token.
 Human output goes to stderr, JSON lines to bench/out/bench-<time>.jsonl, a Markdown table
 to bench/out/results-<time>.md (and into docs/benchmarks.md after a full default run).
 
-Usage: python bench/bench_llamacpp.py [--models ...] [--types ...] [--threads 1,2] [--reps 3]
+Usage: python bench/bench_llamacpp.py [--models ...] [--types ...] [--threads 1,2] [--reps 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -548,15 +550,18 @@ def markdown(
     cells: list[dict[str, Any]],
     rss: list[dict[str, Any]],
     ovh: list[dict[str, Any]],
-    started: str,
-    args: argparse.Namespace,
+    info: dict[str, Any],
 ) -> str:
+    """The Markdown tables of one run; info: the run_info line (started, command, args)."""
     m = ctx["machine"]
+    a = info["args"]
     lines = [
-        f"Measured {started} at commit `{ctx['git']}` on {m['cpu']} ({m['cores']} cores, "
-        f"{m['arch']}), edgellm ISA `{ctx['isa']}` built with {ctx['compiler']}, "
-        f"llama-cpp-python {ctx['llama_cpp_python']}; prompt {args.prompt_tokens} tokens, "
-        f"{args.reps} interleaved repetitions, medians. Read bandwidth: "
+        f"Measured {info['started']} at commit `{ctx['git']}` on {m['cpu']} ({m['cores']} "
+        f"cores, {m['arch']}), edgellm ISA `{ctx['isa']}` built with {ctx['compiler']} "
+        f"(core sha256 `{ctx.get('native_sha256')}`, diff vs HEAD `{ctx.get('git_diff')}`), "
+        f"llama-cpp-python {ctx['llama_cpp_python']}, by `{info['command']}`; prompt "
+        f"{a['prompt_tokens']} tokens, {a['reps']} interleaved repetitions, medians. "
+        "Read bandwidth: "
         + ", ".join(
             f"{bw[t] / 1e9:.1f} GB/s with {t} thread{'s' if t > 1 else ''}" for t in sorted(bw)
         )
@@ -638,6 +643,27 @@ def update_docs(table: str) -> None:
     common.log(f"updated {DOCS}")
 
 
+def report(args: argparse.Namespace) -> int:
+    """Rebuild the Markdown tables of a finished run from its JSON lines (--report FILE)."""
+    rows = [json.loads(line) for line in Path(args.report).read_text().splitlines() if line]
+    info = next((r for r in rows if r["kind"] == "run_info"), None)
+    if info is None:
+        common.log(f"{args.report} has no run_info line (written by runs since 2026-11-26)")
+        return 1
+    cells = [r for r in rows if r["kind"] == "cell"]
+    rss = [r for r in rows if r["kind"] == "rss_summary"]
+    ovh = [r for r in rows if r["kind"] == "overhead"]
+    bw: dict[int, float] = {}
+    for r in rows:
+        if r["kind"] == "bandwidth":
+            bw[r["threads"]] = max(bw.get(r["threads"], 0.0), r["best_bytes_per_s"])
+    table = markdown(info, bw, cells, rss, ovh, info)
+    print(table, end="")
+    if args.docs == "yes":
+        update_docs(table)
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -673,6 +699,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--max-busy", type=float, default=0.25)
     ap.add_argument("--child-timeout", type=int, default=3600)
+    ap.add_argument(
+        "--report",
+        metavar="JSONL",
+        help="print (with --docs yes: write into the docs) the tables of a finished run's "
+        "bench/out/bench-*.jsonl instead of measuring",
+    )
     # Internal: how the parent starts a child.
     ap.add_argument("--child", choices=("cell", "rss", "overhead"), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -701,6 +733,17 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = args.threads_one
         return {"cell": child_cell, "rss": child_rss, "overhead": child_overhead}[args.child](args)
 
+    if args.report:
+        return report(args)
+    snapshot = common.snapshot_package()  # this run measures one build, whoever rebuilds
+    try:
+        return measure(args, argv)
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The parent's run: bandwidth, speed cells, RSS, overhead, tables."""
     missing = [
         (m, t) for m in args.models for t in args.types if not common.model_path(m, t).exists()
     ]
@@ -715,9 +758,15 @@ def main(argv: list[str] | None = None) -> int:
                 ",".join(sorted({t for _, t in missing})),
             ]
         )
-    started = common.stamp()
     ctx = common.context()
     out = common.JsonLines("bench")
+    info = {
+        "kind": "run_info",
+        "started": common.stamp(),
+        "command": shlex.join(["python", "bench/bench_llamacpp.py", *(argv or sys.argv[1:])]),
+        "args": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
+    }
+    out.write({**ctx, **info})
     from edgellm import _native  # fail here, before any number, if the core does not load
 
     bi = _native.build_info()
@@ -744,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         if "overhead" in args.skip or "smollm-135m" not in args.models
         else bench_overhead(args, out, ctx)
     )
-    table = markdown(ctx, bw, cells, rss, ovh, started, args)
+    table = markdown(ctx, bw, cells, rss, ovh, info)
     md = common.OUT_DIR / out.path.name.replace("bench-", "results-").replace(".jsonl", ".md")
     md.write_text(table)
     common.log("\n" + table)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -20,9 +21,30 @@ REPO = BENCH_DIR.parent
 MODELS_DIR = BENCH_DIR / "models"  # git-ignored
 OUT_DIR = BENCH_DIR / "out"  # git-ignored
 
-# Run edgellm from this checkout (`make build` builds the core in place), not an installed copy.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# Run edgellm from this checkout (`make build` builds the core in place), not an installed copy;
+# or from the snapshot a bench run took of it (snapshot_package), so that one run measures one
+# build even while others rebuild the checkout.
+SNAPSHOT_ENV = "EDGELLM_BENCH_PKG"
+_PKG_ROOT = os.environ.get(SNAPSHOT_ENV) or str(REPO)
+if _PKG_ROOT not in sys.path:
+    sys.path.insert(0, _PKG_ROOT)
+
+
+def snapshot_package() -> Path:
+    """Copy the checkout's edgellm package (with its built core) to bench/out/pkg-<time>/ and
+    import from there in this process and its children. Call before importing edgellm."""
+    if "edgellm" in sys.modules:
+        raise RuntimeError("snapshot_package() must run before edgellm is imported")
+    dest = OUT_DIR / f"pkg-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    shutil.copytree(
+        REPO / "edgellm", dest / "edgellm", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    os.environ[SNAPSHOT_ENV] = str(dest)
+    if str(REPO) in sys.path:
+        sys.path.remove(str(REPO))
+    sys.path.insert(0, str(dest))
+    return dest
+
 
 # The two shapes we compare on (random weights; the shapes of the public checkpoints).
 # Names follow the dimension vocabulary of STYLE.md section 5.
@@ -92,6 +114,33 @@ def git_sha() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
+
+
+def git_diff_id() -> str | None:
+    """First 12 hex of sha256(git diff HEAD): tells two dirty trees of one commit apart."""
+    try:
+        diff = subprocess.run(
+            ["git", "diff", "HEAD"], cwd=REPO, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return hashlib.sha256(diff).hexdigest()[:12] if diff else None
+
+
+def native_id() -> dict[str, Any]:
+    """Path, first 12 hex of sha256 and mtime of the compiled core edgellm imports."""
+    try:
+        from edgellm import _native
+
+        so = Path(_native.__file__).parent.glob("_edgellm_cffi*.so")
+        path = next(iter(sorted(so)))
+        return {
+            "native_path": str(path),
+            "native_sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:12],
+            "native_mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(path.stat().st_mtime)),
+        }
+    except Exception as exc:
+        return {"native_error": f"{type(exc).__name__}: {exc}"}
 
 
 def cpu_model() -> str:
@@ -173,8 +222,10 @@ def context() -> dict[str, Any]:
     """The fields every result line carries."""
     return {
         "git": git_sha(),
+        "git_diff": git_diff_id(),
         "machine": machine(),
         **edgellm_info(),
+        **native_id(),
         "llama_cpp_python": llamacpp_version(),
         "python": platform.python_version(),
     }
