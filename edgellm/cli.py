@@ -154,6 +154,148 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(a: argparse.Namespace) -> int:
+    """Perplexity of a model on a text file (protocol edgellm-ppl-v1, docs/evaluation.md)."""
+    from .errors import InvalidArgumentError
+    from .hub.evaluate import perplexity
+    from .runtime.model import Model
+
+    try:
+        with open(a.text, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgumentError(f"cannot read {a.text}: {exc}") from None
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty() or done == total:
+            sys.stderr.write(f"\reval: {done}/{total} windows")
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    with Model(a.model, n_threads=a.threads, n_ctx=a.ctx) as m:
+        r = perplexity(m, text, window=a.window, stride=a.stride, max_tokens=a.max_tokens,
+                       progress=progress)
+    if a.json:
+        print(json.dumps({"model": str(a.model), "text": str(a.text), **r.as_dict()}, indent=2))
+        return 0
+    print(f"perplexity:     {r.ppl:.4f}")
+    print(f"mean nll:       {r.nll:.5f} nats/token")
+    print(f"tokens scored:  {r.n_scored} of {r.n_tokens}")
+    print(f"windows:        {r.n_windows} of {r.window} tokens, stride {r.stride}"
+          f"{', BOS first' if r.bos else ''}")
+    print(f"time:           {r.seconds:.2f} s ({r.n_tokens / max(r.seconds, 1e-9):.0f} tokens/s)")
+    print(f"protocol:       {r.protocol}")
+    return 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    """Convert, evaluate and bundle a model for one board (model.gguf + bundle.json)."""
+    from .hub.build import build
+
+    r = build(a.model, a.board, type=a.type, node=a.node, version=a.version, parent=a.parent,
+              eval_texts=a.eval_text, out=a.out, tokenizer=a.tokenizer,
+              max_eval_tokens=a.eval_max_tokens, n_threads=a.threads, log=sys.stderr)
+    b = r.bundle
+    if a.json:
+        print(json.dumps({"folder": str(b.folder), "reason": r.reason, **b.to_dict()}, indent=2))
+        return 0
+    print(f"bundle:   {b.folder}")
+    print(f"model:    {b.model_path} ({b.model_size:,} bytes)")
+    print(f"node:     {b.node} v{b.version}" + (f"  (parent {b.lineage.parent}"
+          + (f"@{b.lineage.parent_version}" if b.lineage.parent_version else "") + ")"
+          if b.lineage.parent else ""))
+    print(f"board:    {b.board}  recipe: {b.recipe}")
+    for name, sc in b.scores.items():
+        print(f"eval:     {name}: ppl {sc.ppl:.4f} ({sc.n_scored} tokens, {sc.protocol})")
+    return 0
+
+
+def cmd_select(a: argparse.Namespace) -> int:
+    """Pick the build of a need's node (or its nearest ancestor) that fits a board."""
+    import os
+
+    from .boards import load_board
+    from .formats.bundle import list_bundles
+    from .hub.select import select
+
+    folder = a.bundles or os.environ.get("EDGELLM_BUNDLES") or "bundles"
+    sel = select(load_board(a.board), a.need, list_bundles(folder), context=a.context,
+                 min_tokens_per_s=a.min_tokens_per_s)
+    if a.json:
+        print(json.dumps(sel.to_dict(), indent=2))
+    else:
+        print(sel.explain())
+    if sel.choice is None:
+        print(f"edgellm select: error: nothing fits: {sel.shortfall}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    """Measure a model's speed and memory on this machine beside a board profile's estimates."""
+    import platform
+
+    from .boards import load_board
+    from .hub.bench import run_bench
+
+    name = a.board or ("x86-host" if platform.machine() in ("x86_64", "AMD64") else None)
+    board = load_board(name) if name else None
+    import io
+
+    records = run_bench(a.model, board=board, threads=a.threads or (), prompt_tokens=a.prompt_tokens,
+                        gen_tokens=a.gen_tokens, reps=a.reps, n_ctx=a.ctx, kernels=a.kernels,
+                        log=io.StringIO() if a.json else sys.stderr)
+    for r in records:
+        print(json.dumps(r, separators=(",", ":")))
+    return 0
+
+
+def cmd_boards(a: argparse.Namespace) -> int:
+    """List the board profiles, show one, or measure this machine's memory bandwidth."""
+    import time
+
+    from . import boards
+
+    action = a.boards_action or "list"
+    if action == "show":
+        prof = boards.load_board(a.name, a.dir)
+        if a.json:
+            print(json.dumps({**prof.to_dict(), "host_problems": prof.host_problems(),
+                              "sources": boards.field_sources(prof)}, indent=2))
+        else:
+            print(boards.format_profile(prof))
+        return 0
+    if action == "calibrate":
+        prof = boards.load_board(a.board, a.dir)
+        mib = a.mib or boards.default_calibration_mib()
+        threads = a.threads or boards.usable_cpus()
+        gbs = boards.calibrate_bandwidth(mib, a.repeats, threads)
+        how = (f"{boards.host_cpu_name()} with `edgellm boards calibrate` ({mib} MiB, "
+               f"{threads} threads, best of {a.repeats}), {time.strftime('%Y-%m-%d')}")
+        lines = boards.calibration_toml(prof, gbs, how)
+        if a.json:
+            print(json.dumps({"board": prof.name, "bandwidth_gbs": gbs, "mib": mib,
+                              "threads": threads, "repeats": a.repeats, "toml": lines}, indent=2))
+            return 0
+        print(f"sustained read bandwidth: {gbs:.1f} GB/s ({mib} MiB, {threads} threads, "
+              f"best of {a.repeats})")
+        print(f"{prof.name} profile now: {prof.mem_bandwidth_gbs:g} GB/s peak x "
+              f"{prof.sustained_factor:g} = {prof.sustained_bandwidth_bytes_per_s / 1e9:.1f} GB/s")
+        print(f"to record it, put these lines into a copy of {prof.path.name}:")
+        for line in lines:
+            print(f"  {line}")
+        print(f'or in Python: load_board("{prof.name}", bandwidth_gbs={gbs:.1f})')
+        return 0
+    profs = boards.load_all(a.dir)
+    if a.json:
+        print(json.dumps([{**p.to_dict(), "host_problems": p.host_problems()}
+                          for p in profs.values()], indent=2))
+    else:
+        print(boards.format_table(profs.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgellm",
@@ -201,6 +343,124 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"],
                     help="weight type of the 2-D tensors (default f16); norms stay f32")
     sp.add_argument("--tokenizer", default=None, help="llama2.c tokenizer (tok*.bin); default: found beside SRC")
+
+    sp = add("eval", cmd_eval,
+             "measure a model's perplexity on a text file (protocol edgellm-ppl-v1)",
+             "examples:\n  edgellm eval model.gguf --text held_out.txt\n"
+             "  edgellm eval model.gguf --text held_out.txt --window 256 --stride 128 --json\n"
+             "  edgellm eval model.gguf --text book.txt --max-tokens 2000\n"
+             "windows of N tokens start from an empty cache (BOS first) and advance by the stride;\n"
+             "each token is scored once (docs/evaluation.md).")
+    sp.add_argument("model", help="a GGUF model file")
+    sp.add_argument("--text", required=True, help="a UTF-8 text file to score")
+    sp.add_argument("--window", type=int, default=None,
+                    help="text tokens per window (default: min(context - 1, 512))")
+    sp.add_argument("--stride", type=int, default=None, help="tokens between windows (default window/2)")
+    sp.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all available)")
+    sp.add_argument("-c", "--ctx", type=int, default=None, help="context length (default: model's, max 4096)")
+
+    sp = add("build", cmd_build,
+             "build a model for a board: quantise, evaluate, write model.gguf + bundle.json",
+             "examples:\n  edgellm build stories260K.bin --board rpi5                 # --type auto\n"
+             "  edgellm build ./hf-llama --board rpi4 --type q4_0_mixed --node en/medical \\\n"
+             "      --version 2 --parent en@3 --eval-text held_out.txt --out bundles\n"
+             "the bundle goes to OUT/<node-as-dashes>-<board>-<recipe>/; the same source and options\n"
+             "give a byte-identical model.gguf. auto picks the best recipe the board allows whose\n"
+             "weights + KV cache (at min(seq_len, 2048)) fit its RAM budget.")
+    sp.add_argument("model", help="HF checkpoint directory, llama2.c .bin, or .gguf")
+    sp.add_argument("--board", required=True, help="board id (boards/<id>.toml), e.g. rpi5")
+    sp.add_argument("--type", default="auto",
+                    choices=["auto", "f32", "f16", "q8_0", "q4_0", "q4_0_mixed"],
+                    help="quant recipe (default auto: best that fits the board)")
+    sp.add_argument("--node", default=None,
+                    help="node path, e.g. en/medical/cardiology (default: the GGUF's edgellm.node or master)")
+    sp.add_argument("--version", type=int, default=1, help="the node's version (default 1)")
+    sp.add_argument("--parent", default=None, metavar="PATH@V", help="the parent node and version, e.g. en@3")
+    sp.add_argument("--eval-text", action="extend", nargs="+", default=[], metavar="FILE",
+                    help="held-out text(s) to score (default: none)")
+    sp.add_argument("--eval-max-tokens", type=int, default=None, help="score only the first N tokens of each text")
+    sp.add_argument("--out", default="bundles", help="folder for the bundle folder (default ./bundles)")
+    sp.add_argument("--tokenizer", default=None, help="llama2.c tokenizer (tok*.bin); default: found beside MODEL")
+    sp.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for the evaluation")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = add("select", cmd_select,
+             "choose the build of a node (or its nearest ancestor) that fits a board",
+             "examples:\n  edgellm select --board rpi5 --need en/medical/cardiology\n"
+             "  edgellm select --board rpi4 --need en/medical --context 4096 --min-tokens-per-s 8\n"
+             "  edgellm select --board rpi-zero-2w --need en --bundles /srv/bundles --json\n"
+             "the deepest node on the need's path whose build runs on the board, fits its RAM budget\n"
+             "at the context (weights + KV cache + scratch + runtime) and meets the speed floor wins;\n"
+             "within a node the best recipe (f16 > q8_0 > q4_0_mixed > q4_0), then the newest version.\n"
+             "exit status 1 when nothing fits, with the smallest shortfall (docs/selection.md).")
+    sp.add_argument("--board", required=True, help="board id (boards/<id>.toml), e.g. rpi5")
+    sp.add_argument("--need", required=True, help="node path, e.g. en/medical/cardiology")
+    sp.add_argument("--context", type=int, default=2048, help="context length to hold (default 2048)")
+    sp.add_argument("--min-tokens-per-s", type=float, default=None, metavar="N",
+                    help="slowest acceptable decode speed (default: no floor)")
+    sp.add_argument("--bundles", default=None, metavar="DIR",
+                    help="folder of bundle folders (default: $EDGELLM_BUNDLES, else ./bundles)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = add("bench", cmd_bench,
+             "measure prefill/decode tok/s and peak RSS on this machine beside a board's estimates",
+             "examples:\n  edgellm bench model.gguf --board rpi5\n"
+             "  edgellm bench model.gguf --threads 1 4 --prompt-tokens 128 --gen-tokens 128 --reps 5\n"
+             "  edgellm bench model.gguf --board rpi4 --kernels > rpi4.jsonl\n"
+             "the board profile, kernel table, threads and build come first on stderr; one JSON line\n"
+             "per thread count goes to stdout (git commit, ISA, board, model sha256, numbers).\n"
+             "default board: x86-host on x86-64, none elsewhere (then no estimates).")
+    sp.add_argument("model", help="a GGUF model file")
+    sp.add_argument("--board", default=None, help="board profile for the estimates, e.g. rpi5")
+    sp.add_argument("-t", "--threads", type=int, nargs="+", default=None, metavar="N",
+                    help="thread counts to run (default: 1 and all available)")
+    sp.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    sp.add_argument("--gen-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    sp.add_argument("--reps", type=int, default=3, help="repetitions; medians are reported (default 3)")
+    sp.add_argument("-c", "--ctx", type=int, default=None,
+                    help="session context (default prompt + gen tokens, at least 64)")
+    sp.add_argument("--kernels", action="store_true",
+                    help="also measure per-core kernel rates (kernel_gbs.* for the board's measured table)")
+    sp.add_argument("--json", action="store_true",
+                    help="JSON lines only: no human report on stderr")
+    sp = add("boards", cmd_boards,
+             "list the board profiles, show one with its sources, or calibrate this machine",
+             "examples:\n  edgellm boards                       # table: RAM, budget, bandwidth, ISA, this host?\n"
+             "  edgellm boards show rpi5             # every field with its unit and source\n"
+             "  edgellm boards show rpi5 --json\n"
+             "  edgellm boards calibrate             # this machine's read bandwidth for x86-host\n"
+             "  edgellm boards calibrate --board rpi5   # run on the Pi: its sustained_factor\n"
+             "profiles are boards/<name>.toml (docs/boards.md); $EDGELLM_BOARDS_DIR or --dir picks\n"
+             "another folder.")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--dir", default=None, help="folder of profiles (default: the shipped boards/)")
+    bsub = sp.add_subparsers(dest="boards_action", metavar="ACTION")
+    bp = bsub.add_parser("list", help="the table of profiles (the default)",
+                         description="the table of profiles (the default)")
+    bp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    bp = bsub.add_parser("show", help="one profile: every field, its unit and its source",
+                         description="one profile: every field, its unit and its source",
+                         epilog="example:\n  edgellm boards show jetson-orin-nano --json",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    bp.add_argument("name", help="board name, e.g. rpi5")
+    bp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    bp = bsub.add_parser("calibrate", help="measure this machine's sustained memory read bandwidth",
+                         description="measure this machine's sustained memory read bandwidth "
+                                     "(NumPy sums over a large array, best of N) and print the "
+                                     "profile lines that record it",
+                         epilog="examples:\n  edgellm boards calibrate\n"
+                                "  edgellm boards calibrate --board rpi5 --mib 512 --repeats 10",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    bp.add_argument("--board", default="x86-host", help="the profile it is for (default x86-host)")
+    bp.add_argument("--mib", type=int, default=None, help="array size in MiB (default 256, or RAM/8)")
+    bp.add_argument("--repeats", type=int, default=5, help="timed passes; the best counts (default 5)")
+    bp.add_argument("-t", "--threads", type=int, default=None, help="reader threads (default: all CPUs)")
+    bp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    for bp in bsub.choices.values():
+        bp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
     return p
 
 
