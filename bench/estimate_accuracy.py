@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--memory", action="store_true", help="memory estimate vs peak RSS")
     ap.add_argument("--reps", type=int, default=5, help="repetitions (medians; default 5)")
     ap.add_argument("--models", default=",".join(SPEED_MODELS),
-                    help="bench/models/<name>.gguf files (bench/make_models.py writes them)")
+                    help="bench/models/<name>.gguf files (bench/make_models.py writes them), or "
+                    "paths of .gguf files")
     ap.add_argument("--calibrations", type=int, default=3,
                     help="quiet attempts at the bandwidth and kernel rates; the best counts (default 3)")
     ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
@@ -201,7 +202,8 @@ def speed(args: argparse.Namespace) -> list[dict[str, Any]]:
     from edgellm.runtime.model import Model, default_threads
 
     rows: list[dict[str, Any]] = []
-    paths = [BENCH / "models" / f"{m}.gguf" for m in args.models.split(",")]
+    paths = [Path(m) if m.endswith(".gguf") else BENCH / "models" / f"{m}.gguf"
+             for m in args.models.split(",")]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise SystemExit(f"missing {', '.join(map(str, missing))}: run python bench/make_models.py")

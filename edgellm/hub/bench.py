@@ -8,8 +8,9 @@
 - ``measure_peak_rss(model, n_ctx)`` runs a fresh Python process that loads the model,
   opens one session and generates, and returns its VmHWM; tests/test_estimate.py and
   bench/estimate_accuracy.py compare it with estimate.memory_bytes.
-- ``kernel_rates()`` measures, per weight type, the GB/s one core's decode matmul streams
-  from DRAM: the numbers a board profile records as measured["kernel_gbs.<type>"].
+- ``kernel_rates()`` decodes synthetic wide and narrow models to measure the decode-speed
+  constants a board profile records: measured["kernel_gbs.<type>"], ["kernel_row_ns.<type>"]
+  and ["token_overhead_us"] (docs/selection.md).
 
 .. versionadded:: 0.1
 """
@@ -104,26 +105,32 @@ _QK = 32  # weights per Q8_0 / Q4_0 block
 _BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}
 _GGML = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
 _CAL_VOCAB = 512  # a small SentencePiece vocabulary: the output matrix is a few rows
+_WEIGHT_SD = 0.02  # standard deviation of a trained Llama's weights
+# Standard deviation of a random quant before scaling: uniform int8 ~74, a nibble - 8 ~4.6.
+_QUANT_SD = {"q8_0": 74.0, "q4_0": 4.6}
 _CAL_EOS = 2
 
 
 def _synthetic_gguf(path: Path, weight_type: str, dim: int, n_layers: int) -> estimate.ModelFacts:
-    """Write a random-weight llama GGUF: dim x dim matrices (hidden_dim = dim, 64-wide heads,
-    no GQA), a 512-token vocabulary, tied embeddings; every block random (distinct data, as
-    real weights are). The end-of-sequence row of the output is zero, so greedy decoding
-    never stops early. Returns the file's facts."""
+    """Write a random-weight llama GGUF of Llama proportions: hidden_dim = 2.75 x dim (a
+    multiple of 32), 64-wide heads, 4 query heads per kv head, a 512-token vocabulary, tied
+    embeddings; every block random (distinct data, as real weights are). The end-of-sequence
+    row of the output is zero, so greedy decoding never stops early. Returns the file's facts."""
     import numpy as np
 
     from ..formats.gguf import RawTensor, write_gguf
 
+    hidden = dim * 11 // 4 // 32 * 32
+    n_heads = max(dim // 64, 1)
+    n_kv = max(n_heads // 4, 1)
     rng = np.random.default_rng([dim, n_layers, _GGML[weight_type]])
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     tokens += [f"\u2581t{i}" for i in range(_CAL_VOCAB - len(tokens))]
     meta: dict[str, Any] = {
         "general.architecture": "llama", "general.name": f"edgellm bench calibration {dim}x{n_layers}",
         "llama.context_length": 256, "llama.embedding_length": dim, "llama.block_count": n_layers,
-        "llama.feed_forward_length": dim, "llama.attention.head_count": dim // 64,
-        "llama.attention.head_count_kv": dim // 64, "llama.rope.dimension_count": 64,
+        "llama.feed_forward_length": hidden, "llama.attention.head_count": n_heads,
+        "llama.attention.head_count_kv": n_kv, "llama.rope.dimension_count": 64,
         "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": _CAL_VOCAB,
         "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.scores": np.zeros(_CAL_VOCAB, dtype=np.float32),
@@ -131,32 +138,39 @@ def _synthetic_gguf(path: Path, weight_type: str, dim: int, n_layers: int) -> es
         "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": _CAL_EOS,
     }
 
-    def matrix(rows: int) -> Any:
+    def matrix(rows: int, cols: int) -> Any:
         if weight_type in ("f32", "f16"):
-            w = (0.02 * rng.standard_normal((rows, dim), dtype=np.float32)).astype(
+            w = (_WEIGHT_SD * rng.standard_normal((rows, cols), dtype=np.float32)).astype(
                 np.float16 if weight_type == "f16" else np.float32)
-            return RawTensor(w, (dim, rows))
+            return RawTensor(w, (cols, rows))
         bb = _BLOCK_BYTES[weight_type]
-        nb = rows * dim // _QK
+        nb = rows * cols // _QK
         raw = np.frombuffer(bytearray(rng.bytes(nb * bb)), dtype=np.uint8).reshape(nb, bb)
-        raw[:, :2] = np.full(nb, 0.02 / 32, dtype="<f2").view(np.uint8).reshape(nb, 2)
-        return RawTensor(raw.reshape(rows, -1), (dim, rows))
+        # Weights of a trained model's magnitude (standard deviation ~0.02): a decode step's
+        # speed depends on the values (float ops on tiny intermediates run slower), so the
+        # calibration must not use toy-sized weights.
+        scale = _WEIGHT_SD / _QUANT_SD[weight_type] * rng.uniform(0.75, 1.25, nb)
+        raw[:, :2] = scale.astype("<f2").view(np.uint8).reshape(nb, 2)
+        return RawTensor(raw.reshape(rows, -1), (cols, rows))
 
+    shapes = {"attn_q": (dim, dim), "attn_k": (n_kv * 64, dim), "attn_v": (n_kv * 64, dim),
+              "attn_output": (dim, dim), "ffn_gate": (hidden, dim), "ffn_up": (hidden, dim),
+              "ffn_down": (dim, hidden)}
     ones = np.ones(dim, dtype=np.float32)
-    embd = matrix(_CAL_VOCAB)
+    embd = matrix(_CAL_VOCAB, dim)
     embd.data[_CAL_EOS] = 0  # zero scales: the end token's logit is 0
     items: list[tuple[str, Any, int]] = [("token_embd.weight", embd, _GGML[weight_type])]
     for i in range(n_layers):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
-            items.append((f"blk.{i}.{name}.weight", matrix(dim), _GGML[weight_type]))
+        for name, (rows, cols) in shapes.items():
+            items.append((f"blk.{i}.{name}.weight", matrix(rows, cols), _GGML[weight_type]))
         items += [(f"blk.{i}.attn_norm.weight", ones, 0), (f"blk.{i}.ffn_norm.weight", ones, 0)]
     items.append(("output_norm.weight", ones, 0))
     write_gguf(path, meta, items)
     return estimate.model_facts(path)
 
 
-KERNEL_WIDE_DIM = 2048  # long rows (64 blocks), as a 1B-class model's
-KERNEL_NARROW_DIM = 512  # short rows (16 blocks), as a 100M-class model's
+KERNEL_WIDE_DIM = 2048  # long rows (64 and 176 blocks), a 1B-class model's (TinyLlama's dims)
+KERNEL_NARROW_DIM = 512  # short rows (16 and 44 blocks), a 100M-class model's
 KERNEL_TINY_DIM = 64  # one tiny layer: what a decode step costs beside its weights
 
 
@@ -169,11 +183,13 @@ def kernel_rates(types: Sequence[str] = ("q4_0", "q8_0"), *, n_threads: int = 1,
     stream from DRAM through the matmul kernels, every matrix row adds a cost of its own (its
     reduction and store, and with it the per-layer work of norms, RoPE and attention, which
     grows with the rows), and the Python loop and thread hand-offs cost the same every token.
-    Three random-weight models are decoded through the real runtime (Session.generate, greedy,
-    n_threads threads): a tiny one (dim 64, 1 layer) gives the fixed cost; per weight type, a
-    wide one (dim KERNEL_WIDE_DIM) and a narrow one (dim KERNEL_NARROW_DIM), each about `mib`
-    MiB (far more than any last-level cache), give the rate and the row cost from their known
-    bytes and rows per token. Each timing is the median of reps runs of `tokens` tokens.
+    Three random-weight models of Llama proportions (FFN 2.75 x dim, 4:1 grouped-query
+    attention) are decoded through the real runtime (Session.generate, greedy, n_threads
+    threads): a tiny one (dim 64, 1 layer) gives the fixed cost; per weight type, a wide one
+    (dim KERNEL_WIDE_DIM) and a narrow one (dim KERNEL_NARROW_DIM), each about `mib` MiB (far
+    more than any last-level cache), give the rate and the row cost from their known bytes and
+    rows per token. Each timing is the median of reps runs of `tokens` tokens, the models'
+    runs interleaved.
 
     Returns:
         {"kernel_gbs.<type>": GB/s, "kernel_row_ns.<type>": ns per row,
@@ -223,7 +239,7 @@ def kernel_rates(types: Sequence[str] = ("q4_0", "q8_0"), *, n_threads: int = 1,
             bpp = _BLOCK_BYTES[t] / _QK if t in _BLOCK_BYTES else (2.0 if t == "f16" else 4.0)
             paths, facts = [], []
             for dim in (KERNEL_WIDE_DIM, KERNEL_NARROW_DIM):
-                layers = max(1, round(size / (7 * dim * dim * bpp)))
+                layers = max(1, round(size / ((2.5 + 3 * 2.75) * dim * dim * bpp)))
                 paths.append(Path(tmp) / f"{t}-{dim}.gguf")
                 facts.append(_synthetic_gguf(paths[-1], t, dim, layers))
             (bw_, rw), (bn, rn) = ((f.decode_weight_bytes, rows_of(f)) for f in facts)
@@ -414,10 +430,12 @@ def run_bench(model: str | os.PathLike[str], *, board: Any = None, threads: Sequ
 
     rates: dict[str, float] = {}  # measured-table keys -> GB/s and ns per row
     if kernels:
-        types = sorted({t for t in facts.decode_bytes if t in ("q4_0", "q8_0", "f16", "f32")} | {"f16"})
+        # The model's weight types (not its f32 norms, a few KB).
+        total = facts.decode_weight_bytes
+        types = sorted(t for t, n in facts.decode_bytes.items() if t in _GGML and n > 0.05 * total)
         for t in sorted({1, *thread_list}):
             rates.update(kernel_rates(types, n_threads=t))
-        print("  kernels:       " + fmt_kernel_rates(rates), file=out)
+        print("  constants:     " + fmt_kernel_rates(rates), file=out)
 
     records: list[dict[str, Any]] = []
     with Model(path, n_ctx=ctx_len) as m:

@@ -31,7 +31,8 @@ from typing import Any, Protocol
 from ..errors import InvalidArgumentError
 
 # --------------------------------------------------------------------------------------
-# Constants of the C core (csrc/core/session.c); a test checks them against measured RSS.
+# Constants of the C core (csrc/core/session.c), mirrored; tests/test_estimate.py checks the
+# scratch formula against what edgellm_session_new allocates.
 
 EL_CHUNK = 64  # tokens per prefill pass: the scratch holds this many rows
 EL_ALIGN = 64  # every scratch buffer starts on a cache line (rounded up to 64 bytes)
@@ -43,13 +44,14 @@ KV_ELEM_BYTES = {"f32": 4, "f16": 2}
 PAGE_SIZE = 4096  # the KV cache is committed page by page (calloc'd, mmap-backed)
 
 # --------------------------------------------------------------------------------------
-# The Python runtime: measured on x86-64 Debian 12, CPython 3.11.7, numpy 2.x, cffi 1.17, by
-# `python bench/estimate_accuracy.py --overhead`: the peak RSS (VmHWM) of a fresh process that
-# imports edgellm, loads a model with a 1-layer, dim-64 body and a vocabulary of 512 to
-# 65536 tokens, and generates 256 tokens, minus the GGUF file's size and the KV cache and
-# scratch computed below; a least-squares line over the vocabulary size gives the two
-# constants. They are the same for every board: interpreter, numpy, cffi and the compiled
-# core are of similar size on aarch64 (code pages of a 64-bit build).
+# The Python runtime: measured on x86-64 Debian 12, CPython 3.11.7, numpy 2, cffi 1.17, by
+# `python bench/estimate_accuracy.py --overhead`: the peak RSS (VmHWM, median of 3) of fresh
+# processes that import edgellm, load a 1-layer, dim-64 model with a SentencePiece or a
+# byte-level BPE vocabulary of 512 to 65536 tokens and generate 256 tokens, minus the model's
+# weights, KV cache and scratch (below), fitted by least squares over (1, vocab_size, merges):
+# 38.33 MB + 317.3 B/token + 80.9 B/merge, worst residual 1.2 MB (a second run: 38.27 MB,
+# 317.1, 84.1). They serve every board: interpreter, numpy, cffi and the compiled core are
+# code pages and heap of similar size on aarch64.
 RUNTIME_BASE_BYTES = 38_300_000
 """Interpreter + numpy + cffi + edgellm (code pages touched and heap) with an empty vocabulary."""
 TOKENIZER_BYTES_PER_TOKEN = 317
@@ -69,9 +71,9 @@ TOKEN_OVERHEAD_S = 100e-6
 MEASURED_DECODE_PREFIX = "decode_tok_s."
 """+ the GGUF file's sha256: decode tokens/s of that exact file on this board (edgellm bench)."""
 MEASURED_KERNEL_PREFIX = "kernel_gbs."
-"""+ a weight type (q4_0, q8_0, f16, f32): GB/s of weights one core's decode matmul streams
-from DRAM; + "@<n>": the total with n threads at once (edgellm bench --kernels measures both).
-The compute side of the roofline: what the kernels can consume, as opposed to what DRAM can
+"""+ a weight type (q4_0, q8_0, f16, f32): GB/s at which one thread's decode streams weights
+of that type through the matmul kernels; + "@<n>": with n threads (edgellm bench --kernels
+measures both, hub.bench.kernel_rates). What the kernels can consume, beside what DRAM can
 deliver."""
 MEASURED_ROW_PREFIX = "kernel_row_ns."
 """+ a weight type (and "@<n>"): nanoseconds each matrix row adds to a decode matmul beside
