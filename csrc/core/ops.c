@@ -47,6 +47,30 @@ static inline float el_expf_inl(float x) {
 
 float el_expf(float x) { return el_expf_inl(x); }
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+uint32_t el_fp_flush_denormals(void) {
+    const uint32_t saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+    return saved;
+}
+void el_fp_restore(uint32_t saved) { _mm_setcsr(saved); }
+#elif defined(__aarch64__)
+uint32_t el_fp_flush_denormals(void) {
+    uint64_t fpcr;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr | (1u << 24)));  // FZ
+    return (uint32_t)fpcr;
+}
+void el_fp_restore(uint32_t saved) {
+    const uint64_t fpcr = saved;
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fpcr));
+}
+#else
+uint32_t el_fp_flush_denormals(void) { return 0; }
+void el_fp_restore(uint32_t saved) { (void)saved; }
+#endif
+
 // --------------------------------------------------------------------------
 // Attention
 

@@ -31,6 +31,13 @@ void el_silu_mul(float *g, const float *u, int64_t n);
 // softmax and SiLU (exported for the tests).
 float el_expf(float x);
 
+// Denormal floats (below 1.2e-38) cost x86 cores ~100x per operation; attention in a model
+// with peaked scores makes many (softmax weights near 0 times V). el_fp_flush_denormals sets
+// flush-to-zero and denormals-are-zero for the calling thread and returns the previous
+// control word for el_fp_restore; both are no-ops where the ISA has no such mode.
+uint32_t el_fp_flush_denormals(void);
+void el_fp_restore(uint32_t saved);
+
 // Rotates one head x: [head_dim] in place over its first rope_dim dims at one position.
 // cs, sn: [rope_dim / 2] cos and sin of the angles; mode is edgellm_rope_mode
 // (NORM: pairs (2i, 2i+1); NEOX: pairs (i, i + rope_dim/2)).

@@ -625,7 +625,9 @@ int32_t edgellm_session_eval(edgellm_session *s, const int32_t *tokens, int32_t 
     const el_kernel_table *kt = el_kernels();
     if (kt == NULL) return el_set_error(EDGELLM_STATUS_ERR_ISA, "eval: no kernel table is usable");
 
-    // Long prompts run in passes of `chunk` tokens, each batched through every matmul.
+    // Long prompts run in passes of `chunk` tokens, each batched through every matmul. The
+    // caller's float mode is borrowed for the call (the workers keep theirs).
+    const uint32_t fp_saved = el_fp_flush_denormals();
     for (int32_t c0 = 0; c0 < n_tokens; c0 += s->chunk) {
         const int32_t n = n_tokens - c0 < s->chunk ? n_tokens - c0 : s->chunk;
         const int last = c0 + n == n_tokens;
@@ -634,6 +636,7 @@ int32_t edgellm_session_eval(edgellm_session *s, const int32_t *tokens, int32_t 
         else if (logits_mode == EDGELLM_LOGITS_LAST && last) out = logits;
         el_forward(s, kt, tokens + c0, n, s->pos + c0, out, logits_mode == EDGELLM_LOGITS_ALL);
     }
+    el_fp_restore(fp_saved);
     s->pos += n_tokens;
     return EDGELLM_STATUS_OK;
 }

@@ -13,6 +13,7 @@
 
 #include "edgellm.h"
 #include "kernels.h"
+#include "ops.h"
 
 // How long an idle worker spins before sleeping on the condition variable. Decode runs ~5
 // regions per layer with microsecond gaps, so workers spin through a token; between calls
@@ -83,6 +84,7 @@ static void *el_worker_main(void *arg) {
     el_worker *w = arg;
     el_threadpool *p = w->pool;
     unsigned seen = 0;
+    el_fp_flush_denormals();  // workers run only edgellm regions: no need to restore
     for (;;) {
         seen = el_wait_gen(p, seen);
         if (atomic_load_explicit(&p->stop, memory_order_acquire)) break;
