@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
              "      --version 2 --parent en@3 --eval-text held_out.txt --out bundles\n"
              "the bundle goes to OUT/<node-as-dashes>-<board>-<recipe>/; the same source and options\n"
              "give a byte-identical model.gguf. auto picks the best recipe the board allows whose\n"
-             "weights + KV cache (at min(seq_len, 2048)) fit its RAM budget.")
+             "weights + KV cache (at min(seq_len, 2048)) + scratch + runtime fit its RAM budget.")
     sp.add_argument("model", help="HF checkpoint directory, llama2.c .bin, or .gguf")
     sp.add_argument("--board", required=True, help="board id (boards/<id>.toml), e.g. rpi5")
     sp.add_argument("--type", default="auto",

@@ -4,9 +4,9 @@
 ``build(src, "rpi5", type="auto", eval_texts=[...])``:
 
 1. loads the board profile and refuses a "tflite" board, or a recipe outside its quant_types;
-2. picks the recipe (``auto``: the highest-quality allowed one whose weights plus KV cache at
-   min(seq_len, 2048) positions fit the board's RAM budget, in the order f16 > q8_0 >
-   q4_0_mixed > q4_0);
+2. picks the recipe (``auto``: the highest-quality allowed one whose weights, KV cache at
+   min(seq_len, 2048) positions, scratch and runtime -- the memory estimate `edgellm select`
+   uses -- fit the board's RAM budget, in the order f16 > q8_0 > q4_0_mixed > q4_0);
 3. converts once to a temporary GGUF and measures perplexity on each held-out text with it;
 4. writes the final ``model.gguf``: the same tensor bytes, plus the node, version, lineage,
    board, recipe and scores as ``edgellm.*`` metadata (no timestamps, so the same source and
@@ -45,6 +45,7 @@ from ..formats.bundle import (
 from ..formats.convert import convert, detect_source
 from ..formats.gguf import GGUFValue, GGUFValueType, RawTensor, TensorSource
 from ..runtime.config import ModelConfig
+from .estimate import MemoryEstimate, memory_bytes
 from .evaluate import PerplexityResult, perplexity
 from .quantize import AUTO_ORDER, RECIPES, QuantRecipe, get_recipe
 
@@ -75,6 +76,8 @@ class BoardLike(Protocol):
     def ram_share(self) -> float: ...
     @property
     def ram_budget_bytes(self) -> int: ...
+    @property
+    def cores(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -122,12 +125,19 @@ def kv_elem_bytes(recipe: str) -> int:
     return 4 if recipe in _FLOAT_RECIPES else 2
 
 
-def footprint(recipe: QuantRecipe, src: SourceModel) -> tuple[int, int]:
-    """(weights bytes, KV cache bytes at min(seq_len, AUTO_MAX_CTX)) of the source in a recipe."""
+def footprint(recipe: QuantRecipe, src: SourceModel, n_threads: int = 4) -> MemoryEstimate:
+    """What the source in a recipe needs resident with one session of min(seq_len, AUTO_MAX_CTX)
+    positions: weights, KV cache, the C core's scratch and the Python runtime
+    (edgellm.hub.estimate.memory_bytes, the estimate `edgellm select` uses too)."""
     cfg = src.config
-    ctx = min(cfg.seq_len, AUTO_MAX_CTX)
-    kv = 2 * cfg.n_layers * ctx * cfg.kv_dim * kv_elem_bytes(recipe.name)
-    return recipe.weights_bytes(src.tensors), kv
+    kv_type = "f32" if kv_elem_bytes(recipe.name) == 4 else "f16"
+    return memory_bytes(cfg, recipe.weights_bytes(src.tensors), min(cfg.seq_len, AUTO_MAX_CTX),
+                        kv_type, n_threads=n_threads)
+
+
+def _fit(est: MemoryEstimate, ctx: int) -> str:
+    return (f"{_mib(est.weights)} weights + {_mib(est.kv_cache)} KV cache at {ctx} positions + "
+            f"{_mib(est.scratch + est.runtime_overhead)} scratch and runtime = {_mib(est.total)}")
 
 
 def choose_recipe(board: BoardLike, src: SourceModel) -> tuple[QuantRecipe, str]:
@@ -147,16 +157,14 @@ def choose_recipe(board: BoardLike, src: SourceModel) -> tuple[QuantRecipe, str]
             tried.append(f"{name}: not allowed on {board.name}")
             continue
         recipe = RECIPES[name]
-        w, kv = footprint(recipe, src)
-        if w + kv <= budget:
-            tried.append(f"{name}: {_mib(w)} weights + {_mib(kv)} KV cache at {ctx} positions "
-                         f"= {_mib(w + kv)} fits the budget {_mib(budget)}")
+        est = footprint(recipe, src, board.cores)
+        if est.total <= budget:
+            tried.append(f"{name}: {_fit(est, ctx)} fits the budget {_mib(budget)}")
             reason = (f"auto chose {name} for {board.name} (RAM budget {_mib(budget)} = "
                       f"{board.ram_mb} MiB x {board.ram_share}); tried, best first: "
                       + "; ".join(tried))
             return recipe, reason
-        tried.append(f"{name}: {_mib(w)} weights + {_mib(kv)} KV cache at {ctx} positions "
-                     f"= {_mib(w + kv)} exceeds the budget {_mib(budget)}")
+        tried.append(f"{name}: {_fit(est, ctx)} exceeds the budget {_mib(budget)}")
     if "f32" in board.quant_types:
         tried.append("f32: never chosen by auto (ask for --type f32)")
     raise InvalidArgumentError(f"no allowed recipe fits {board.name}: " + "; ".join(tried))
@@ -287,9 +295,9 @@ def build(src: str | Path, board: str | BoardLike, *, type: str = "auto",
     if type == "auto":
         recipe, reason = choose_recipe(prof, source)
     else:
-        w, kv = footprint(recipe, source)
-        reason = (f"{recipe.name} as requested ({_mib(w)} weights + {_mib(kv)} KV cache; "
-                  f"{prof.name} budget {_mib(prof.ram_budget_bytes)})")
+        est = footprint(recipe, source, prof.cores)
+        reason = (f"{recipe.name} as requested ({_fit(est, min(source.config.seq_len, AUTO_MAX_CTX))};"
+                  f" {prof.name} budget {_mib(prof.ram_budget_bytes)})")
     say(reason)
     folder = Path(out) / bundle_dirname(node, prof.name, recipe.name)
     created = not folder.exists()
