@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -36,6 +37,22 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all available)")
     g.add_argument("-c", "--ctx", type=int, default=None, help="context length in tokens (default: model's, max 4096)")
+
+
+def _add_lora(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("adapter")
+    g.add_argument("--lora", metavar="FILE", default=None,
+                   help="apply a LoRA adapter (GGUF adapter layout, as llama.cpp's --lora reads)")
+    g.add_argument("--lora-scale", metavar="S", type=float, default=1.0,
+                   help="multiplier of the adapter's update (default 1.0; 0 = off)")
+
+
+def _attach_lora(m: Any, a: argparse.Namespace) -> None:
+    if a.lora:
+        info = m.attach_adapter(a.lora, a.lora_scale)
+        if a.verbose:
+            print(f"[adapter {info.path.name}: {info.n_tensors} tensors, rank {info.rank}, "
+                  f"alpha {info.alpha:g}, scale {info.scale:g}]", file=sys.stderr)
 
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -90,6 +107,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .runtime.model import Model
 
     with Model(a.model, n_threads=a.threads, n_ctx=a.ctx) as m, m.session() as s:
+        _attach_lora(m, a)
         for piece in s.generate(a.prompt, a.max_tokens, stream=True, **_sampling_kwargs(a)):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -111,6 +129,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     interactive = sys.stdin.isatty()
     with Model(a.model, n_threads=a.threads, n_ctx=a.ctx) as m, m.session() as s:
+        _attach_lora(m, a)
         messages: list[dict[str, str]] = []
         if a.system:
             messages.append({"role": "system", "content": a.system})
@@ -296,6 +315,368 @@ def cmd_boards(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tree(a: argparse.Namespace) -> int:
+    """Build a model tree from its tree file, or show the registry (`edgellm tree --help`)."""
+    import os
+
+    from .hub import treebuild
+    from .hub.registry import Registry
+    from .hub.tree import load_tree
+
+    action = a.tree_action
+    if action == "build":
+        tree = load_tree(a.tree)
+        if a.checkpoints:
+            tree = tree.with_checkpoints(a.checkpoints)
+        steps = treebuild.build_tree(tree, registry=a.registry, out=a.out, only=a.only,
+                                     dry_run=a.dry_run, device=a.device, n_threads=a.threads,
+                                     log=sys.stderr, progress=sys.stderr.isatty())
+        if a.json:
+            print(json.dumps([vars(s) for s in steps], indent=2))
+        return 0
+    reg_path = a.registry or os.environ.get("EDGELLM_REGISTRY") or \
+        os.path.join(treebuild.DEFAULT_OUT, "registry.sqlite")
+    if not os.path.isfile(reg_path):
+        from .errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"no registry at {reg_path}; run `edgellm tree build "
+                                   "TREE.toml` first or pass --registry FILE")
+    expected = None
+    if getattr(a, "tree", None):
+        tree = load_tree(a.tree)
+        expected = treebuild.expected(tree, tree.data())
+    with Registry.open(reg_path) as reg:
+        if action == "stale":
+            rows = reg.stale(expected)
+            if a.json:
+                print(json.dumps([vars(s) for s in rows], indent=2))
+            for s in rows if not a.json else []:
+                print(f"{s.node} v{s.version or '-'}: "
+                      + ("stale: " + "; ".join(s.reasons) if s.reasons else "current"))
+            return 0
+        show = treebuild.show_rows(reg, expected)
+        if a.plot:
+            print(f"wrote {treebuild.plot_scores(show, a.plot)}", file=sys.stderr)
+        if a.json:
+            print(json.dumps({**reg.to_dict(), "table": [vars(r) for r in show]}, indent=2))
+        else:
+            print(treebuild.format_table(show))
+    return 0
+
+
+def cmd_distill(a: argparse.Namespace) -> int:
+    """Distil a Hugging Face parent into a smaller student (`edgellm distill --help`)."""
+    from .hub.distill import StudentShape, TrainSettings, distill, read_documents
+
+    def docs(files: list[str]) -> list[str]:
+        return [d for f in files for d in read_documents(f)]
+
+    shape = StudentShape(n_layers=a.layers, dim=a.dim, hidden_dim=a.hidden_dim, n_heads=a.heads,
+                         n_kv_heads=a.kv_heads, shrink=a.shrink)
+    settings = TrainSettings(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
+                             warmup=a.warmup, temperature=a.temperature,
+                             alpha=a.alpha, eval_every=a.eval_every,
+                             checkpoint_every=a.checkpoint_every, seed=a.seed, device=a.device,
+                             precision=a.precision)
+    r = distill(a.parent, docs(a.train), docs(a.heldout), a.out, shape, settings,
+                teacher=not a.no_teacher, resume=not a.no_resume, progress=not a.json)
+    last = r.history[-1]
+    if a.json:
+        history = [{k: (v if v == v else None) for k, v in h.items()} for h in r.history]  # NaN: null
+        print(json.dumps({"out": str(r.out_dir), "steps": r.steps, "params": r.params,
+                          "teacher_params": r.teacher_params, "tokens_per_s": r.tokens_per_s,
+                          "device": r.device, "seconds": r.seconds, "history": history},
+                         indent=2))
+        return 0
+    print(f"student:   {r.out_dir} ({r.params:,} parameters"
+          + (f", teacher {r.teacher_params:,})" if r.teacher_params else ", no teacher)"))
+    print(f"held-out:  perplexity {r.history[0]['heldout_ppl']:.3f} at step 0 -> "
+          f"{last['heldout_ppl']:.3f} at step {int(last['step'])}"
+          + (f"; KL to the parent {r.history[0]['heldout_kl']:.4f} -> {last['heldout_kl']:.4f}"
+             if r.teacher_params else ""))
+    print(f"speed:     {r.tokens_per_s:,.0f} training tokens/s on {r.device}; {r.seconds:.1f} s")
+    print(f"next:      edgellm convert {r.out_dir} --out student.gguf --type q8_0")
+    return 0
+
+
+# -- edgellm hub ACTION (issue 5): one subcommand; each action adds itself to HUB_ACTIONS ------
+
+HUB_ACTIONS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _hub_home_arg(p: argparse.ArgumentParser) -> None:
+    import os
+    p.add_argument("--home", default=os.environ.get("EDGELLM_HUB_HOME", "hub"), metavar="DIR",
+                   help="the hub home folder (default $EDGELLM_HUB_HOME, else ./hub)")
+
+
+def cmd_hub(a: argparse.Namespace) -> int:
+    fn = HUB_ACTIONS.get(getattr(a, "hub_action", None) or "")
+    if fn is None:
+        print("edgellm hub: name an ACTION (edgellm hub --help lists them)", file=sys.stderr)
+        return 2
+    return fn(a)
+
+
+def _hub_serve(a: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from .fleet.service import HubService
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    svc = HubService(a.home, reorder_timeout=a.reorder_timeout, batch_interval=a.batch_interval)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # commit, acknowledge, disconnect, exit 0
+        signal.signal(sig, lambda *_: svc.stop())
+    svc.run()
+    return 0
+
+
+def _fleet_db(a: argparse.Namespace) -> Any:
+    from .fleet import store
+    from .fleet.home import HubHome
+    return store.connect(HubHome.open(a.home).registry_db)
+
+
+def _hub_status(a: argparse.Namespace) -> int:
+    from .fleet import store
+    hours = store.parse_since(a.since)
+    with contextlib.closing(_fleet_db(a)) as conn:
+        st = store.fleet_status(conn, since_hours=hours, k=a.k)
+    print(json.dumps(st, indent=2) if a.json else store.format_status(st, since_hours=hours, k=a.k))
+    return 0
+
+
+def _hub_usage(a: argparse.Namespace) -> int:
+    from .fleet import store
+    hours = store.parse_since(a.since)
+    with contextlib.closing(_fleet_db(a)) as conn:
+        rows = store.usage_summary(conn, hours, k=a.k, by=[c.strip() for c in a.by.split(",")])
+    print(json.dumps({"since_hours": hours, "k": a.k, "groups": rows}, indent=2) if a.json
+          else store.format_usage(rows, since_hours=hours, k=a.k))
+    return 0
+
+
+def _hub_init(a: argparse.Namespace) -> int:
+    import time
+
+    from .fleet.home import HubHome
+    t0 = time.perf_counter()
+    home = HubHome.init(a.dir or a.home, host=a.host, port=a.port, public_host=a.public_host,
+                        max_packet_size=a.max_packet_size, server_days=a.days, force=a.force)
+    print(f"hub home {home.root} ({time.perf_counter() - t0:.2f} s): device CA, server CA, "
+          f"broker config for {home.host}:{home.port} (TLS), registry.db")
+    print(f"next: edgellm hub add-device --home {home.root} --board rpi5\n"
+          f"      edgellm hub broker --home {home.root}")
+    return 0
+
+
+def _hub_add_device(a: argparse.Namespace) -> int:
+    from .fleet.home import HubHome
+    home = HubHome.open(a.home)
+    out = home.add_device(a.id, board=a.board, node=a.node, version=a.model_version,
+                          days=a.days)  # no broker reload needed: the ACL has patterns only
+    print(f"device {out.name}: provisioning bundle {out}/ (device.toml, device.crt, "
+          f"device.key, server-ca.crt)")
+    print(f"copy it to the device, then there: edgellm agent --config {out.name}/device.toml")
+    return 0
+
+
+def _hub_revoke_device(a: argparse.Namespace) -> int:
+    from .fleet.home import HubHome
+    home = HubHome.open(a.home)
+    live = home.revoke_device(a.id, kick=not a.no_kick)
+    print(f"device {a.id}: revoked (CRL and ACL); " + (
+        "the running broker reloaded" + ("" if a.no_kick else " and its connection was closed")
+        if live else "no broker runs now: it applies them when it starts"))
+    return 0
+
+
+def _hub_broker(a: argparse.Namespace) -> int:
+    import signal
+
+    from .fleet.broker import Broker
+    from .fleet.home import HubHome
+    home = HubHome.open(a.home)
+    broker = Broker(home)
+    stop = [False]
+
+    def on_signal(*_: Any) -> None:
+        stop[0] = True
+        broker.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    broker.start()
+    print(f"mosquitto (pid {broker.pid}) listens on {home.host}:{home.port} (TLS, client "
+          f"certificates); log {home.broker_log}; Ctrl-C stops it", file=sys.stderr)
+    rc = broker.wait()
+    if stop[0]:
+        return 0
+    from .errors import BrokerError
+    raise BrokerError(f"mosquitto exited with status {rc}:\n{broker.log_tail()}")
+
+
+def _hub_devices(a: argparse.Namespace) -> int:
+    from .fleet.home import HubHome
+    rows = HubHome.open(a.home).devices()
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'DEVICE':<16} {'BOARD':<18} {'NODE':<24} {'ISSUED':<20} {'EXPIRES':<20} REVOKED")
+    for r in rows:
+        print(f"{r['id']:<16} {r['board'] or '-':<18} {r['node'] or '-':<24} {r['issued']:<20} "
+              f"{r['expires']:<20} {r['revoked'] or '-'}")
+    return 0
+
+
+def _add_hub_actions(hsub: Any) -> None:
+    """The `edgellm hub` actions (the PKI/broker ones and the fleet service ones)."""
+    def action(name: str, fn: Callable[[argparse.Namespace], int], help: str,
+               epilog: str) -> argparse.ArgumentParser:
+        hp: argparse.ArgumentParser = hsub.add_parser(
+            name, help=help, description=help, epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        hp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks (serve: debug logging)")
+        _hub_home_arg(hp)
+        HUB_ACTIONS[name] = fn
+        return hp
+
+    # -- certificates and broker: init, add-device, revoke-device, broker, devices --
+    # (edgellm/fleet/home.py, pki.py, broker.py)
+    hp = action("init", _hub_init, "create a hub home: device CA, server CA, broker config "
+                "(TLS + client certificates + ACL), registry.db, signing-key folders",
+                "examples:\n  edgellm hub init /srv/hub\n"
+                "  edgellm hub init /srv/hub --host 0.0.0.0 --public-host hub.ward3.example.org\n"
+                "  edgellm hub init ./hub --port 18883 --force     # replace it: new CAs!\n"
+                "the broker listens on HOST:PORT with TLS only; devices dial PUBLIC_HOST (in the\n"
+                "server certificate). Keys are written 0600; back up HOME/ca (docs/fleet.md).")
+    hp.add_argument("dir", nargs="?", default=None, metavar="DIR",
+                    help="the folder (default --home)")
+    hp.add_argument("--host", default="127.0.0.1",
+                    help="address the broker listens on (default 127.0.0.1; 0.0.0.0 = all)")
+    hp.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
+    hp.add_argument("--public-host", default=None, metavar="NAME",
+                    help="the name or address devices connect to (default --host)")
+    hp.add_argument("--max-packet-size", type=int, default=256 * 1024, metavar="BYTES",
+                    help="the broker's MQTT maximum packet size (default 262144)")
+    hp.add_argument("--days", type=int, default=825,
+                    help="validity of the broker's server certificate (default 825)")
+    hp.add_argument("--force", action="store_true",
+                    help="replace an existing hub home (every device must be provisioned again)")
+    hp = action("add-device", _hub_add_device, "issue a device certificate and write its "
+                "provisioning bundle (HOME/devices/ID/: device.toml, certificate, key, CA)",
+                "examples:\n  edgellm hub add-device --board rpi5              # a fresh pseudonym\n"
+                "  edgellm hub add-device d-ward3bed7 --board rpi5 --node en/medical/cardiology\n"
+                "ids: 3-63 of a-z, 0-9, '-', never a serial number or bed; names starting with\n"
+                "'hub' are reserved. An id is never issued twice, even after revocation.")
+    hp.add_argument("id", nargs="?", default=None,
+                    help="device id (default: a fresh pseudonym d-xxxxxxxxxxxx)")
+    hp.add_argument("--board", required=True, help="board profile, e.g. rpi5")
+    hp.add_argument("--node", default=None, help="model node it serves, e.g. en/medical")
+    hp.add_argument("--model-version", type=int, default=None, metavar="N",
+                    help="that node's version (default 1)")
+    hp.add_argument("--days", type=int, default=825,
+                    help="certificate validity in days (default 825)")
+    hp = action("revoke-device", _hub_revoke_device, "revoke a device: CRL, ACL deny, and a "
+                "running broker drops it within a second",
+                "examples:\n  edgellm hub revoke-device d-3k9x2q7m4p1a --home /srv/hub\n"
+                "new connections are refused (CRL); the device's open connection is closed and\n"
+                "its queued messages dropped; it can publish and receive nothing (docs/fleet.md).")
+    hp.add_argument("id", help="the device id")
+    hp.add_argument("--no-kick", action="store_true",
+                    help="do not close its open connection (the ACL still cuts it off)")
+    action("broker", _hub_broker, "run mosquitto with the hub's config in the foreground",
+           "examples:\n  edgellm hub broker --home /srv/hub\n"
+           "  EDGELLM_MOSQUITTO=/opt/mosquitto/sbin/mosquitto edgellm hub broker\n"
+           "regenerates HOME/broker/mosquitto.conf and acl from hub.toml and the registry, then\n"
+           "runs mosquitto (Debian: sudo apt install mosquitto); Ctrl-C stops it.")
+    hp = action("devices", _hub_devices, "list the device certificates issued and revoked",
+                "example:\n  edgellm hub devices --home /srv/hub --json")
+    hp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    # -- the fleet service: serve, status, usage (edgellm/fleet/service.py, store.py) --
+    hp = action("serve", _hub_serve, "run the hub service: collect the fleet's births, deaths "
+                "and usage reports from the broker into the hub database",
+                "examples:\n  edgellm hub serve --home /srv/hub\n"
+                "  edgellm hub serve --home /srv/hub --reorder-timeout 120 -v\n"
+                "connects with the hub's certificate (HOME/hub/hub.crt) to the broker in hub.toml\n"
+                "(start it first: edgellm hub broker); one service per home. A message is\n"
+                "acknowledged only after it is committed to HOME/registry.db, so stopping or\n"
+                "killing the service loses nothing. Ctrl-C or SIGTERM stops it cleanly.")
+    hp.add_argument("--reorder-timeout", type=float, default=60.0, metavar="S",
+                    help="seconds a seq gap waits for late reports before it is final and the "
+                         "device is asked to rebirth (default 60)")
+    hp.add_argument("--batch-interval", type=float, default=0.1, metavar="S",
+                    help="most seconds a report waits for its batch's commit (default 0.1)")
+    for name, fn, help, ex in (
+            ("status", _hub_status, "the fleet at a glance: devices, state, versions, "
+             "tokens/s by board, missing reports and refused messages",
+             "examples:\n  edgellm hub status --home /srv/hub\n"
+             "  edgellm hub status --home /srv/hub --since 7d --json\n"
+             "MISSING counts a device's report seqs that never arrived (not the ones it said it\n"
+             "dropped); tokens/s by board cover --since (default 1d)."),
+            ("usage", _hub_usage, "usage over a time window, by node, board and version: "
+             "requests, tokens, latency and tokens/s percentiles, errors, ratings",
+             "examples:\n  edgellm hub usage --home /srv/hub --since 1d\n"
+             "  edgellm hub usage --since 2w --by node,version --json\n"
+             "windows are whole hours, the current one included (12h, 1d, 2w). A group with\n"
+             "fewer than k = 11 reports prints as <11 with no numbers (privacy). Percentiles are\n"
+             "the request-weighted median of the reports' own p50/p90/p99 (docs/fleet.md).")):
+        hp = action(name, fn, help, ex)
+        hp.add_argument("--since", default="1d", help="the window: 12h, 1d, 2w (default 1d)")
+        hp.add_argument("--k", type=int, default=11,
+                        help="smallest group shown (default 11; lower is refused)")
+        hp.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "usage":
+            hp.add_argument("--by", default="node,board,version",
+                            help="group by these of node, board, version, adapter "
+                                 "(default node,board,version)")
+
+
+def cmd_patch(a: argparse.Namespace) -> int:
+    """Make, inspect and apply update patches (`edgellm patch --help`)."""
+    import os
+
+    from .fleet import patch
+
+    if a.patch_action in ("delta", "adapter"):
+        if a.patch_action == "delta":
+            data = patch.make_delta(a.base, a.new, node=a.node, codec=a.codec)
+            full = os.path.getsize(a.new)
+        else:
+            data = patch.make_adapter_patch(a.adapter, a.base, node=a.node, codec=a.codec)
+            full = os.path.getsize(a.base)
+        with open(a.out, "wb") as f:
+            f.write(data)
+        print(f"wrote {a.out}: {len(data):,} bytes ({100 * len(data) / full:.2f}% of "
+              f"{full:,})", file=sys.stderr)
+        return 0
+    p = patch.read_patch(a.patch)
+    if a.patch_action == "info":
+        info = {"kind": p.kind, "node": p.node, "codec": p.codec, "size": p.size,
+                "base": {"sha256": p.base_sha256, "size": p.base_size},
+                "result": {"sha256": p.result_sha256, "size": p.result_size},
+                "tensors": {src: sum(1 for t in p.tensors if t.src == src)
+                            for src in ("base", "patch", "xor")}, "extra": p.extra}
+        print(json.dumps(info, indent=2) if a.json else "\n".join(
+            f"{k}: {v}" for k, v in info.items()))
+        return 0
+    tmp = a.out + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            digest = patch.apply_patch(p, a.base, f.write)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, a.out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"wrote {a.out}: sha256 {digest} (verified)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgellm",
@@ -322,16 +703,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("run", cmd_run, "complete a prompt and print the text as it is generated",
              'examples:\n  edgellm run model.gguf "The heart has" -n 64\n'
-             "  edgellm run model.gguf --temp 0 -n 256     # greedy from BOS alone")
+             "  edgellm run model.gguf --temp 0 -n 256     # greedy from BOS alone\n"
+             '  edgellm run model.gguf "The heart has" --lora update.gguf --lora-scale 0.5')
     sp.add_argument("model", help="a GGUF model file")
     sp.add_argument("prompt", nargs="?", default="", help="the prompt (default: empty, i.e. BOS alone)")
     _add_sampling(sp)
+    _add_lora(sp)
 
     sp = add("chat", cmd_chat, "chat with a model in the terminal (applies its chat template)",
-             "example:\n  edgellm chat model.gguf --system 'You are a concise assistant.'")
+             "examples:\n  edgellm chat model.gguf --system 'You are a concise assistant.'\n"
+             "  edgellm chat model.gguf --lora cardiology.gguf   # the node's latest adapter")
     sp.add_argument("model", help="a GGUF model file")
     sp.add_argument("--system", default=None, help="a system message to start the conversation")
     _add_sampling(sp)
+    _add_lora(sp)
 
     sp = add("convert", cmd_convert,
              "convert a Hugging Face (safetensors) or llama2.c checkpoint, or a GGUF, to GGUF",
@@ -461,6 +846,163 @@ def build_parser() -> argparse.ArgumentParser:
     for bp in bsub.choices.values():
         bp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks")
+
+    sp = add("distill", cmd_distill,
+             "distil a Hugging Face model into a smaller student trained on your text",
+             "examples:\n"
+             "  edgellm distill ./master --train med_train.jsonl --heldout med_held.jsonl \\\n"
+             "      --out ./en-medical --layers 4 --dim 256 --steps 2000\n"
+             "  edgellm distill ./en --train cardio.txt --heldout cardio_held.txt --out ./cardio \\\n"
+             "      --shrink 0.5 --device cuda\n"
+             "  edgellm distill ./en --train a.txt --heldout h.txt --out ./base --no-teacher   # baseline\n"
+             "  edgellm convert ./en-medical --out en-medical.gguf --type q8_0   # then run it\n"
+             "the student starts from the parent's weights (evenly spaced layers, sliced width) and\n"
+             "learns alpha * T^2 * KL(parent || student) at temperature T plus (1 - alpha) * the\n"
+             "data's next-token loss. Text files: UTF-8, one document per blank-line-separated\n"
+             "block, or JSON lines with \"text\" or \"question\"/\"answer\" fields. Checkpoints\n"
+             "go to OUT/checkpoint/; running the same command again resumes there. OUT gets\n"
+             "config.json, model.safetensors, the tokenizer and train.json (the run's facts).")
+    sp.add_argument("parent", help="the parent: a Hugging Face folder (config.json, *.safetensors, tokenizer)")
+    sp.add_argument("--train", required=True, nargs="+", action="extend", metavar="FILE",
+                    help="training text file(s)")
+    sp.add_argument("--heldout", required=True, nargs="+", action="extend", metavar="FILE",
+                    help="held-out text file(s) for perplexity and KL")
+    sp.add_argument("--out", required=True, metavar="DIR", help="the student's folder")
+    g = sp.add_argument_group("student shape (default: the parent's; each may only shrink it)")
+    g.add_argument("--layers", type=int, default=None, metavar="N", help="transformer layers")
+    g.add_argument("--dim", type=int, default=None, metavar="D",
+                   help="hidden size (a multiple of the parent's head_dim)")
+    g.add_argument("--hidden-dim", type=int, default=None, metavar="F",
+                   help="FFN width (default: scaled with dim, a multiple of 32)")
+    g.add_argument("--heads", type=int, default=None, metavar="H", help="query heads (default dim / head_dim)")
+    g.add_argument("--kv-heads", type=int, default=None, metavar="H",
+                   help="key/value heads (default: the parent's query:KV ratio)")
+    g.add_argument("--shrink", type=float, default=None, metavar="F",
+                   help="instead of the sizes above: scale layers and widths by F (0 < F <= 1)")
+    g = sp.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    g.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    g.add_argument("--warmup", type=int, default=50, help="warmup steps (default 50)")
+    g.add_argument("--temperature", type=float, default=2.0, help="KL temperature T (default 2)")
+    g.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the KL term; 1 - alpha weighs the data loss (default 0.5)")
+    g.add_argument("--no-teacher", action="store_true",
+                   help="train on the data's loss alone (the baseline distillation is compared with)")
+    g.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations (default 100)")
+    g.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the init and the batches (default 0)")
+    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--no-resume", action="store_true",
+                   help="start over even if OUT/checkpoint/ exists (default: resume from it)")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON (no progress bar)")
+
+    sp = add("tree", cmd_tree,
+             "build a model tree (master -> en -> en/medical -> ...) and show its registry",
+             "examples:\n  edgellm tree build edgellm/demo/tree.toml --dry-run   # the plan: what is stale, why\n"
+             "  edgellm tree build edgellm/demo/tree.toml --out hub --device cuda\n"
+             "  edgellm tree build tree.toml --only en/medical    # just that node\n"
+             "  edgellm tree build tree.toml --checkpoints runs   # import runs/<node>/ trained elsewhere\n"
+             "  edgellm tree show                        # table: params, MiB per quant, perplexities\n"
+             "  edgellm tree show --plot ppl.png --json\n"
+             "  edgellm tree stale tree.toml             # which nodes need a rebuild and why\n"
+             "the tree file declares corpora (with a fixed held-out split), nodes, shapes and training\n"
+             "settings (docs/tree.md). build trains what is missing or stale, parents first, builds a\n"
+             "bundle per board and quant type, scores every held-out set and registers each version in\n"
+             "OUT/registry.sqlite in one transaction (a failure leaves the registry as it was).")
+    tsub = sp.add_subparsers(dest="tree_action", metavar="ACTION", required=True)
+    tp = tsub.add_parser("build", help="train and build what is missing or stale, in order",
+                         description="train and build what is missing or stale, parents first; "
+                                     "an interrupted run resumes from its checkpoints",
+                         epilog="example:\n  edgellm tree build edgellm/demo/tree.toml --out hub",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    tp.add_argument("tree", help="the tree file (TOML, docs/tree.md)")
+    tp.add_argument("--only", default=None, metavar="NODE",
+                    help="build only this node (its parent must have a version)")
+    tp.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    tp.add_argument("--out", default="hub", metavar="DIR",
+                    help="folder for checkpoints, builds and held-out texts (default ./hub)")
+    tp.add_argument("--registry", default=None, metavar="FILE",
+                    help="the registry database (default OUT/registry.sqlite)")
+    tp.add_argument("--device", default=None, help="training device: cpu, cuda, auto (default: the tree file's)")
+    tp.add_argument("--checkpoints", default=None, metavar="DIR",
+                    help="import trained HF folders DIR/<node-as-dashes>/ (from `python -m "
+                         "edgellm.demo.train_nodes --out DIR` on a GPU machine) instead of training")
+    tp.add_argument("-t", "--threads", type=int, default=None, help="CPU threads for perplexity runs")
+    tp.add_argument("--json", action="store_true", help="print the steps as JSON")
+    for name, what in (("show", "the registry as a table: parameters, MiB per quant type, "
+                                "held-out perplexities, staleness"),
+                       ("stale", "which nodes need a new version or builds, and why")):
+        tp = tsub.add_parser(name, help=what, description=what,
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=f"example:\n  edgellm tree {name} --registry hub/registry.sqlite")
+        tp.add_argument("--registry", default=None, metavar="FILE",
+                        help="the registry (default $EDGELLM_REGISTRY, else hub/registry.sqlite)")
+        tp.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "show":
+            tp.add_argument("--plot", default=None, metavar="PNG",
+                            help="also draw perplexity per node per held-out set")
+            tp.add_argument("--tree", default=None, metavar="TREE.toml",
+                            help="also compare with the tree file (corpus/config changes)")
+        else:
+            tp.add_argument("tree", nargs="?", default=None,
+                            help="the tree file, to include corpus/config/tokenizer changes")
+    for tp in tsub.choices.values():
+        tp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+
+    sp = add("patch", cmd_patch,
+             "make, inspect and apply update patches (a GGUF delta N -> N+1, or an adapter)",
+             "examples:\n  edgellm patch delta v1/model.gguf v2/model.gguf -o v1-v2.patch --node en\n"
+             "  edgellm patch adapter lora.gguf --base v1/model.gguf -o lora.patch\n"
+             "  edgellm patch info v1-v2.patch --json\n"
+             "  edgellm patch apply v1-v2.patch --base v1/model.gguf -o v2.gguf   # verified\n"
+             "a delta carries only the tensors that changed (compressed, or XOR against the old\n"
+             "tensor when that is smaller) and rebuilds N+1 byte for byte; it is bound to its base\n"
+             "by sha256 and refused on any other. Devices apply patches through the updater\n"
+             "(docs/updates.md); these commands are for the hub and for inspection.")
+    psub = sp.add_subparsers(dest="patch_action", metavar="ACTION", required=True)
+    pp = psub.add_parser("delta", help="a delta that turns BASE into NEW",
+                         description="a delta that turns the GGUF file BASE into NEW")
+    pp.add_argument("base", help="version N (what devices hold)")
+    pp.add_argument("new", help="version N+1")
+    pp = psub.add_parser("adapter", help="an adapter patch bound to the model it adapts",
+                         description="an adapter patch: the adapter GGUF compressed, bound to --base")
+    pp.add_argument("adapter", help="the LoRA adapter GGUF")
+    pp.add_argument("--base", required=True, help="the model file the adapter was trained for")
+    for pp in (psub.choices["delta"], psub.choices["adapter"]):
+        pp.add_argument("-o", "--out", required=True, help="the patch file to write")
+        pp.add_argument("--node", default="master", help="the node path (default master)")
+        pp.add_argument("--codec", choices=("lzma", "zlib"), default="lzma",
+                        help="lzma: smaller (default); zlib: faster")
+    pp = psub.add_parser("info", help="what a patch holds (validated)",
+                         description="print a patch's header after validating it")
+    pp.add_argument("patch")
+    pp.add_argument("--json", action="store_true", help="machine-readable output")
+    pp = psub.add_parser("apply", help="rebuild the result from a patch and its base, verified",
+                         description="apply a patch to its base and write the verified result")
+    pp.add_argument("patch")
+    pp.add_argument("--base", required=True, help="the base model file")
+    pp.add_argument("-o", "--out", required=True, help="the file to write (atomically)")
+    for pp in psub.choices.values():
+        pp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
+
+    sp = add("hub", cmd_hub,
+             "run the fleet hub: its certificates and broker, the fleet service, fleet status",
+             "examples:\n  edgellm hub init /srv/hub              # CAs, broker config, registry\n"
+             "  edgellm hub add-device --home /srv/hub --board rpi5\n"
+             "  edgellm hub broker --home /srv/hub     # mosquitto, TLS only\n"
+             "  edgellm hub serve --home /srv/hub     # collect the fleet's reports\n"
+             "  edgellm hub status --home /srv/hub\n"
+             "  edgellm hub usage --home /srv/hub --since 1d\n"
+             "each action has its own --help; --home defaults to $EDGELLM_HUB_HOME, else ./hub "
+             "(docs/fleet.md).")
+    hsub = sp.add_subparsers(dest="hub_action", metavar="ACTION")
+    _add_hub_actions(hsub)
     return p
 
 

@@ -42,3 +42,58 @@ class NativeError(EdgeLLMError, RuntimeError):
 
 class NativeVersionError(EdgeLLMError, ImportError):
     """The compiled core does not match this Python package (often: two copies installed)."""
+
+
+class CorpusError(EdgeLLMError, ValueError):
+    """Training or held-out text is empty, unreadable, not UTF-8 or malformed (names the file)."""
+
+
+class TokenizerMismatchError(EdgeLLMError, ValueError):
+    """Two tokenizers (or a tokenizer and a model's embedding) that must agree do not."""
+
+
+class CheckpointMismatchError(EdgeLLMError, ValueError):
+    """A checkpoint to resume from was made with other settings, shape, parent or data."""
+
+
+class DiskFullError(EdgeLLMError, OSError):
+    """A write ran out of disk space (ENOSPC); the previous complete file stays valid."""
+
+
+class BrokerConnectError(EdgeLLMError, ConnectionError):
+    """The MQTT broker could not be reached or refused the connection (names host and port)."""
+
+
+class MissingToolError(EdgeLLMError, FileNotFoundError):
+    """An external program edgellm runs (mosquitto, ...) is not installed; says how to install it."""
+
+
+class HubHomeError(EdgeLLMError, ValueError):
+    """A hub home folder is missing, incomplete or would be overwritten; names the path."""
+
+
+class UnknownDeviceError(EdgeLLMError, KeyError):
+    """A device id the hub never issued a certificate to (or one already revoked)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class BrokerError(EdgeLLMError, RuntimeError):
+    """The MQTT broker did not start, stopped, or could not be signalled (names its log)."""
+
+
+class PkiError(EdgeLLMError, ValueError):
+    """A key, certificate or CRL file is missing, unreadable or not what it should be."""
+
+
+class PatchError(EdgeLLMError, ValueError):
+    """A delta or adapter patch is malformed, over its bounds, or its result fails verification."""
+
+
+class PatchBaseError(PatchError):
+    """A delta patch was offered for a base model other than the one this device holds."""
+
+
+class UpdateError(EdgeLLMError, RuntimeError):
+    """An update could not be staged, installed or committed; the previous model stays active."""

@@ -48,13 +48,13 @@ static int el_role_is_vector(int32_t role) {
 }
 
 // "blk.3.attn_q.weight" or "token_embd.weight" into buf.
-static const char *el_tensor_name(char *buf, size_t n, int32_t role, int32_t layer) {
+const char *el_tensor_name(char *buf, size_t n, int32_t role, int32_t layer) {
     if (el_role_is_layer(role)) snprintf(buf, n, "blk.%d.%s", layer, el_role_names[role]);
     else snprintf(buf, n, "%s", el_role_names[role]);
     return buf;
 }
 
-static const char *el_type_name(int32_t type) {
+const char *el_type_name(int32_t type) {
     switch (type) {
         case EDGELLM_TYPE_F32: return "F32";
         case EDGELLM_TYPE_F16: return "F16";
@@ -137,6 +137,7 @@ int32_t edgellm_model_new(const edgellm_config *cfg, edgellm_model **out) {
 
 void edgellm_model_free(edgellm_model *m) {
     if (m == NULL) return;
+    if (m->adapter != NULL) m->adapter->attached = NULL;  // the adapter may be freed later
     free(m->layers);
     free(m);
 }
@@ -168,6 +169,13 @@ static el_tensor *el_slot(edgellm_model *m, int32_t role, int32_t layer, int64_t
         case EDGELLM_TENSOR_FFN_DOWN: *ne0 = c->hidden_dim; *ne1 = c->dim; return &L->w_down;
         default: return NULL;
     }
+}
+
+const el_tensor *el_model_tensor(const edgellm_model *m, int32_t role, int32_t layer) {
+    if (role < 0 || role >= EDGELLM_TENSOR_ROLE_COUNT) return NULL;
+    if (el_role_is_layer(role) && (layer < 0 || layer >= m->cfg.n_layers)) return NULL;
+    int64_t ne0, ne1;
+    return el_slot((edgellm_model *)m, role, layer, &ne0, &ne1);  // el_slot only takes the address
 }
 
 int32_t edgellm_model_set_tensor(edgellm_model *m, int32_t role, int32_t layer, int32_t type,

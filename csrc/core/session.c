@@ -32,6 +32,10 @@
 // The values product runs over whole blocks of 32 positions, the SIMD kernels' unit: the last
 // n % 32 positions go through a zero-padded copy instead of the scalar tail of the kernels.
 #define EL_KV_PAD 32
+// A LoRA stage's A products (rank x n_in per token and pair) run on the calling thread below
+// this many multiply-adds (64 KB of F16 A for one token): waking the pool (a few us) costs
+// more. Either way each output comes from the same kernel call, so results do not change.
+#define EL_LORA_INLINE_MACS (1 << 15)
 
 // What the current parallel region works on (set by the caller thread before each region).
 typedef struct {
@@ -54,6 +58,13 @@ typedef struct {
     // Attention regions.
     int64_t att_split;            // position chunks per (kv head, token): 1 = no merge
     int64_t att_len;              // positions per chunk when att_split > 1
+    // LoRA: the adapter of this eval (NULL: none) and the pairs of the current stage.
+    const edgellm_adapter *ad;
+    float ad_scale;               // the scale given to attach
+    const el_lora *lo[3];         // the stage's pairs in role order; NULL = not adapted
+    float lo_scale[3];            // ad_scale * alpha / rank of each pair
+    float *lo_t[3];               // (n_tok, rank) A x of each pair, unscaled
+    const float *lo_x;            // (n_tok, n_in) f32 input of the stage
 } el_pass;
 
 struct edgellm_session {
@@ -90,6 +101,10 @@ struct edgellm_session {
     float *part_o;     // (n_heads, EL_ATT_MAX_SPLIT, head_dim) unnormalised chunk outputs
     float *part_m;     // (n_heads, EL_ATT_MAX_SPLIT) chunk score maxima
     float *part_l;     // (n_heads, EL_ATT_MAX_SPLIT) chunk softmax sums
+    // LoRA scratch, allocated at the first eval that needs it (an adapter may come later).
+    float *lora_t;     // (chunk, stage_rank) the A products of one stage
+    int32_t lora_cap;  // stage_rank lora_t was sized for (0: none)
+    uint32_t adapter_epoch;  // the model's adapter_epoch when this cache was started
     el_threadpool *pool;
     el_pass pass;
 };
@@ -243,6 +258,7 @@ int32_t edgellm_session_new(const edgellm_model *m, int32_t n_ctx, int32_t kv_ty
 void edgellm_session_free(edgellm_session *s) {
     if (s == NULL) return;
     el_threadpool_free(s->pool);
+    free(s->lora_t);
     free(s->arena);
     free(s->kv);
     free(s);
@@ -308,6 +324,69 @@ static inline void el_add_bias(float *y, int64_t y_stride, const el_tensor *b, i
     for (int64_t t = 0; t < n_tok; t++) el_add_f32(y + t * y_stride + r0, bias, r1 - r0);
 }
 
+// --- LoRA: y += scale * B (A x). A x runs as its own region per stage (el_lora_stage); the
+// B product joins the region of the base matmul, on the same rows.
+
+// Units of the A products of the stage: (pair k, 32-row block of A) -> t_k rows.
+static void el_task_lora_a(void *arg, int ith, int nth) {
+    edgellm_session *s = arg;
+    const el_pass *P = &s->pass;
+    int64_t n_units = 0;
+    for (int k = 0; k < 3; k++)
+        if (P->lo[k] != NULL) n_units += (P->lo[k]->a.ne1 + EL_ROW_ALIGN - 1) / EL_ROW_ALIGN;
+    int64_t u0, u1;
+    el_split(n_units, 1, ith, nth, &u0, &u1);
+    int64_t u = 0;
+    for (int k = 0; k < 3 && u < u1; k++) {
+        const el_lora *lo = P->lo[k];
+        if (lo == NULL) continue;
+        const int64_t rank = lo->a.ne1;
+        for (int64_t r0 = 0; r0 < rank; r0 += EL_ROW_ALIGN, u++) {
+            if (u < u0 || u >= u1) continue;
+            const int64_t r1 = r0 + EL_ROW_ALIGN < rank ? r0 + EL_ROW_ALIGN : rank;
+            el_mm(P->kt, &lo->a, P->lo_x, NULL, P->lo_t[k], rank, r0, r1, P->n_tok);
+        }
+    }
+}
+
+// Chooses the pairs of roles[0..n) in layer (from the eval's adapter) and computes their A
+// products of the pass's n_tok rows of x: (n_tok, n_in) f32. Clears the stage without one.
+static void el_lora_stage(edgellm_session *s, const int32_t *roles, int n, int32_t layer,
+                          const float *x) {
+    el_pass *P = &s->pass;
+    size_t off = 0;
+    int64_t macs = 0;
+    for (int k = 0; k < 3; k++) {
+        const el_lora *lo = P->ad != NULL && k < n ? el_adapter_lora(P->ad, roles[k], layer) : NULL;
+        P->lo[k] = lo;
+        if (lo == NULL) continue;
+        P->lo_t[k] = s->lora_t + off;
+        P->lo_scale[k] = P->ad_scale * lo->alpha_r;
+        off += (size_t)(P->n_tok * lo->a.ne1);
+        macs += P->n_tok * lo->a.ne1 * lo->a.ne0;
+    }
+    if (macs == 0) return;
+    P->lo_x = x;
+    if (macs < EL_LORA_INLINE_MACS) el_task_lora_a(s, 0, 1);
+    else el_threadpool_run(s->pool, el_task_lora_a, s);
+}
+
+// y rows [r0, r1) of n_tok tokens (y_stride apart) += lo_scale[k] * B_k t_k, as rank axpys
+// over the rows of B^T: each output adds the same terms in the same order on any thread.
+static inline void el_lora_add(const edgellm_session *s, int k, float *y, int64_t y_stride,
+                               int64_t r0, int64_t r1, int64_t n_tok) {
+    const el_pass *P = &s->pass;
+    const el_lora *lo = P->lo[k];
+    if (lo == NULL || r0 >= r1) return;
+    const int64_t rank = lo->b.ne0, n_out = lo->b.ne1;
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *tt = P->lo_t[k] + t * rank;  // (rank)
+        float *yt = y + t * y_stride + r0;
+        for (int64_t j = 0; j < rank; j++)
+            el_axpy(yt, P->lo_scale[k] * tt[j], lo->bt + j * n_out + r0, r1 - r0);
+    }
+}
+
 // q, k, v = Wq xn, Wk xn, Wv xn (+ biases): one region over the rows of all three.
 static void el_task_qkv(void *arg, int ith, int nth) {
     edgellm_session *s = arg;
@@ -327,6 +406,7 @@ static void el_task_qkv(void *arg, int ith, int nth) {
         if (r0 >= r1) continue;
         el_mm(P->kt, w[i], s->xn, s->xq_in, y[i], rows[i], r0, r1, n);
         el_add_bias(y[i], rows[i], bias[i], r0, r1, n);
+        el_lora_add(s, i, y[i], rows[i], r0, r1, n);
     }
 }
 
@@ -442,6 +522,7 @@ static void el_task_matmul_residual(void *arg, int ith, int nth) {
     el_split(dim, EL_ROW_ALIGN, ith, nth, &r0, &r1);
     if (r0 >= r1) return;
     el_mm(P->kt, P->w, P->xf, P->xq, s->tmp, dim, r0, r1, P->n_tok);
+    el_lora_add(s, 0, s->tmp, dim, r0, r1, P->n_tok);
     for (int64_t t = 0; t < P->n_tok; t++)
         el_add_f32(s->x + t * dim + r0, s->tmp + t * dim + r0, r1 - r0);
 }
@@ -456,6 +537,8 @@ static void el_task_ffn_up(void *arg, int ith, int nth) {
     if (r0 >= r1) return;
     el_mm(P->kt, &P->L->w_gate, s->xn, s->xq_in, s->hb, hid, r0, r1, P->n_tok);
     el_mm(P->kt, &P->L->w_up, s->xn, s->xq_in, s->hb2, hid, r0, r1, P->n_tok);
+    el_lora_add(s, 0, s->hb, hid, r0, r1, P->n_tok);
+    el_lora_add(s, 1, s->hb2, hid, r0, r1, P->n_tok);
     for (int64_t t = 0; t < P->n_tok; t++) {
         float *h = s->hb + t * hid + r0;
         el_silu_mul(h, s->hb2 + t * hid + r0, r1 - r0);
@@ -472,6 +555,7 @@ static void el_task_logits(void *arg, int ith, int nth) {
     int64_t r0, r1;
     el_split(P->w->ne1, EL_ROW_ALIGN, ith, nth, &r0, &r1);
     el_mm(P->kt, P->w, s->xn, s->xq_in, P->y, P->y_stride, r0, r1, P->n_tok);
+    el_lora_add(s, 0, P->y, P->y_stride, r0, r1, P->n_tok);
 }
 
 // --------------------------------------------------------------------------
@@ -532,6 +616,13 @@ static void el_rope_store(edgellm_session *s, int32_t l, int32_t p0, int64_t n) 
     }
 }
 
+// The projections each LoRA stage adapts, in the order of their pass's outputs.
+static const int32_t k_qkv[3] = {EDGELLM_TENSOR_ATTN_Q, EDGELLM_TENSOR_ATTN_K, EDGELLM_TENSOR_ATTN_V};
+static const int32_t k_wo[1] = {EDGELLM_TENSOR_ATTN_OUT};
+static const int32_t k_gate_up[2] = {EDGELLM_TENSOR_FFN_GATE, EDGELLM_TENSOR_FFN_UP};
+static const int32_t k_down[1] = {EDGELLM_TENSOR_FFN_DOWN};
+static const int32_t k_out[1] = {EDGELLM_TENSOR_OUTPUT};
+
 // One pass over n <= chunk tokens at positions p0...; logits: NULL, or (all ? n : 1) rows.
 static void el_forward(edgellm_session *s, const el_kernel_table *kt, const int32_t *tokens,
                        int64_t n, int32_t p0, float *logits, int all) {
@@ -562,6 +653,7 @@ static void el_forward(edgellm_session *s, const el_kernel_table *kt, const int3
         el_norm(s, &L->attn_norm, 0, n,
                 el_is_quant(L->wq.kind) || el_is_quant(L->wk.kind) || el_is_quant(L->wv.kind));
         P->n_tok = n;
+        el_lora_stage(s, k_qkv, 3, l, s->xn);
         el_threadpool_run(s->pool, el_task_qkv, s);
         el_rope_store(s, l, p0, n);
         const int wo_quant = el_is_quant(L->wo.kind);
@@ -572,6 +664,8 @@ static void el_forward(edgellm_session *s, const el_kernel_table *kt, const int3
             for (int64_t t = 0; t < n; t++)
                 kt->quantize_q8_0(s->att + t * m->q_dim, s->xq_mid + t * (m->q_dim / EL_QK),
                                   m->q_dim);
+        P->n_tok = n;
+        el_lora_stage(s, k_wo, 1, l, s->att);
         P->w = &L->wo;
         P->xf = s->att;
         P->xq = s->xq_mid;
@@ -580,7 +674,9 @@ static void el_forward(edgellm_session *s, const el_kernel_table *kt, const int3
         el_norm(s, &L->ffn_norm, 0, n, el_is_quant(L->w_gate.kind) || el_is_quant(L->w_up.kind));
         P->n_tok = n;
         P->quant_out = el_is_quant(L->w_down.kind);
+        el_lora_stage(s, k_gate_up, 2, l, s->xn);
         el_threadpool_run(s->pool, el_task_ffn_up, s);
+        el_lora_stage(s, k_down, 1, l, s->hb);
         P->w = &L->w_down;
         P->xf = s->hb;
         P->xq = s->xq_mid;
@@ -593,10 +689,25 @@ static void el_forward(edgellm_session *s, const el_kernel_table *kt, const int3
     const int64_t rows = all ? n : 1;
     el_norm(s, &m->output_norm, n - rows, rows, el_is_quant(out->kind));
     P->n_tok = rows;
+    el_lora_stage(s, k_out, 1, -1, s->xn);
     P->w = out;
     P->y = logits;
     P->y_stride = c->vocab_size;
     el_threadpool_run(s->pool, el_task_logits, s);
+}
+
+// Makes the LoRA scratch fit adapter a (NULL: nothing to do); kept for later evals.
+static int32_t el_lora_scratch(edgellm_session *s, const edgellm_adapter *a) {
+    if (a == NULL || a->stage_rank <= s->lora_cap) return EDGELLM_STATUS_OK;
+    size_t bytes = 0;
+    el_carve(NULL, &bytes, (size_t)s->chunk * (size_t)a->stage_rank * sizeof(float));
+    float *buf = aligned_alloc(EL_ALIGN, bytes);
+    if (buf == NULL)
+        return el_set_error(EDGELLM_STATUS_ERR_NOMEM, "eval: LoRA scratch of %zu bytes", bytes);
+    free(s->lora_t);
+    s->lora_t = buf;
+    s->lora_cap = a->stage_rank;
+    return EDGELLM_STATUS_OK;
 }
 
 int32_t edgellm_session_eval(edgellm_session *s, const int32_t *tokens, int32_t n_tokens,
@@ -624,6 +735,17 @@ int32_t edgellm_session_eval(edgellm_session *s, const int32_t *tokens, int32_t 
                                 tokens[i], i, vocab);
     const el_kernel_table *kt = el_kernels();
     if (kt == NULL) return el_set_error(EDGELLM_STATUS_ERR_ISA, "eval: no kernel table is usable");
+    // The adapter is read once per call: every chunk of this eval runs under the same one.
+    const edgellm_model *m = s->m;
+    if (s->pos > 0 && s->adapter_epoch != m->adapter_epoch)
+        return el_set_error(EDGELLM_STATUS_ERR_STATE,
+                            "eval: an adapter was attached or detached since this session's cache "
+                            "was filled; truncate it to 0 and evaluate the prompt again");
+    const int32_t st = el_lora_scratch(s, m->adapter);
+    if (st != EDGELLM_STATUS_OK) return st;
+    s->adapter_epoch = m->adapter_epoch;
+    s->pass.ad = m->adapter;
+    s->pass.ad_scale = m->adapter_scale;
 
     // Long prompts run in passes of `chunk` tokens, each batched through every matmul. The
     // caller's float mode is borrowed for the call (the workers keep theirs).

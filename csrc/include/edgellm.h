@@ -164,6 +164,47 @@ EDGELLM_API int32_t edgellm_model_finalize(edgellm_model *m);
 EDGELLM_API void edgellm_model_free(edgellm_model *m);
 
 // --------------------------------------------------------------------------
+// LoRA adapters: low-rank updates of a model's projections, attached without reloading it.
+// The forward adds scale * (alpha / rank) * B (A x) to each adapted projection's output
+// (alpha 0: scale * B (A x), as llama.cpp does). Tensors follow llama.cpp's GGUF adapter
+// layout: for a base tensor W of shape [ne0 = n_in, ne1 = n_out], "<W>.lora_a" is
+// [ne0 = n_in, ne1 = rank] and "<W>.lora_b" is [ne0 = rank, ne1 = n_out]. Q/K rows follow
+// the base weight's row order (llama.cpp's converters permute them the same way).
+
+typedef struct edgellm_adapter edgellm_adapter;
+
+typedef enum {
+    EDGELLM_LORA_A = 0,  // the down projection, [ne0 = n_in, ne1 = rank]
+    EDGELLM_LORA_B = 1,  // the up projection, [ne0 = rank, ne1 = n_out]
+} edgellm_lora_part;
+
+// A new, empty adapter for the finalized model m, which must outlive it. alpha: the
+// adapter.lora.alpha value (0 = none); must be finite and >= 0.
+EDGELLM_API int32_t edgellm_adapter_new(const edgellm_model *m, float alpha, edgellm_adapter **out);
+// Registers one half of the pair of a projection role (ATTN_Q/K/V/OUT, FFN_GATE/UP/DOWN, or
+// OUTPUT on an untied model; layer -1 for OUTPUT). Types: F32 and F16 are used in place (data
+// must stay valid until edgellm_adapter_free), Q8_0 and Q4_0 are dequantised into a copy.
+// Refused: a shape that does not fit the base tensor, a rank outside [1, 4096],
+// a part already set, a non-finite value (EDGELLM_STATUS_ERR_FORMAT names the element).
+EDGELLM_API int32_t edgellm_adapter_set_tensor(edgellm_adapter *a, int32_t role, int32_t layer,
+                                               int32_t part, int32_t type, const void *data,
+                                               int64_t ne0, int64_t ne1, size_t nbytes);
+// Checks that every projection has both parts with equal ranks and that there is at least one.
+EDGELLM_API int32_t edgellm_adapter_finalize(edgellm_adapter *a);
+// Adapted projections (pairs) of a finalized adapter; 0 before.
+EDGELLM_API int32_t edgellm_adapter_n_pairs(const edgellm_adapter *a);
+// Detaches it first when it is attached.
+EDGELLM_API void edgellm_adapter_free(edgellm_adapter *a);
+
+// Attaches a finalized adapter built for m to every session of m, replacing the one attached
+// (scale: the user's multiplier, finite). Detach removes it. Both must be called between evals:
+// never while a session of m is inside edgellm_session_eval. A session whose KV cache was filled
+// under another adapter (or none) refuses to append (EDGELLM_STATUS_ERR_STATE) until it is
+// truncated to 0, so a cache never mixes two adapters.
+EDGELLM_API int32_t edgellm_model_attach_adapter(edgellm_model *m, edgellm_adapter *a, float scale);
+EDGELLM_API int32_t edgellm_model_detach_adapter(edgellm_model *m);
+
+// --------------------------------------------------------------------------
 // Session: a KV cache, scratch buffers and a thread pool for one conversation.
 // A session handle is single-threaded: one call at a time.
 

@@ -864,6 +864,274 @@ static void test_threadpool(void) {
 }
 
 // Runs one test and prints its wall time (the suite's budget on a 2-core CI machine is small).
+// --------------------------------------------------------------------------
+// Tests: LoRA adapters
+
+// The projections every test adapter covers (plus OUTPUT on untied models).
+static const int32_t k_lora_roles[7] = {
+    EDGELLM_TENSOR_ATTN_Q, EDGELLM_TENSOR_ATTN_K, EDGELLM_TENSOR_ATTN_V, EDGELLM_TENSOR_ATTN_OUT,
+    EDGELLM_TENSOR_FFN_GATE, EDGELLM_TENSOR_FFN_UP, EDGELLM_TENSOR_FFN_DOWN};
+
+// One random pair for a base tensor: a: (rank, n_in), b: (n_out, rank), stored as `type`.
+typedef struct {
+    int32_t role, layer, type;
+    int64_t rank, n_in, n_out;
+    float *af, *bf;   // f32 values (dequantised when type is not F32), for the reference
+    void *ad, *bd;    // as registered
+    size_t an, bn;    // bytes
+} tpair;
+
+static void tp_make(tpair *p, const ttensor *base, int32_t role, int32_t layer, int64_t rank,
+                    int32_t type) {
+    p->role = role;
+    p->layer = layer;
+    p->type = type;
+    p->rank = rank;
+    p->n_in = base->ne0;
+    p->n_out = base->ne1;
+    const int64_t na = rank * p->n_in, nb = p->n_out * rank;
+    p->af = malloc((size_t)na * sizeof(float));
+    p->bf = malloc((size_t)nb * sizeof(float));
+    // B A about as large as W (~U(-1, 1)/sqrt(n_in)) at scale * alpha / rank ~ 1: a real change.
+    for (int64_t i = 0; i < na; i++) p->af[i] = (float)(1.2 * rnd_uniform() / sqrt((double)p->n_in));
+    for (int64_t i = 0; i < nb; i++) p->bf[i] = (float)(1.2 * rnd_uniform() / sqrt((double)rank));
+    p->an = (size_t)(na / edgellm_type_block_size(type)) * edgellm_type_block_bytes(type);
+    p->bn = (size_t)(nb / edgellm_type_block_size(type)) * edgellm_type_block_bytes(type);
+    p->ad = malloc(p->an);
+    p->bd = malloc(p->bn);
+    CHECK(edgellm_quantize(type, p->af, p->ad, na) == EDGELLM_STATUS_OK);
+    CHECK(edgellm_quantize(type, p->bf, p->bd, nb) == EDGELLM_STATUS_OK);
+    CHECK(edgellm_dequantize(type, p->ad, p->af, na) == EDGELLM_STATUS_OK);
+    CHECK(edgellm_dequantize(type, p->bd, p->bf, nb) == EDGELLM_STATUS_OK);
+}
+
+static int32_t tp_register(edgellm_adapter *a, const tpair *p) {
+    int32_t st = edgellm_adapter_set_tensor(a, p->role, p->layer, EDGELLM_LORA_A, p->type, p->ad,
+                                            p->n_in, p->rank, p->an);
+    if (st != EDGELLM_STATUS_OK) return st;
+    return edgellm_adapter_set_tensor(a, p->role, p->layer, EDGELLM_LORA_B, p->type, p->bd, p->rank,
+                                      p->n_out, p->bn);
+}
+
+// base->f += factor * B A, in double: the merged weights the double reference runs.
+static void tp_merge(const tpair *p, ttensor *base, double factor) {
+    for (int64_t r = 0; r < p->n_out; r++)
+        for (int64_t c = 0; c < p->n_in; c++) {
+            double d = 0;
+            for (int64_t k = 0; k < p->rank; k++)
+                d += (double)p->bf[r * p->rank + k] * p->af[k * p->n_in + c];
+            base->f[r * p->n_in + c] = (float)((double)base->f[r * p->n_in + c] + factor * d);
+        }
+}
+
+static void tp_free(tpair *p) {
+    free(p->af);
+    free(p->bf);
+    free(p->ad);
+    free(p->bd);
+}
+
+// Pairs for every projection of tm: ranks 3..9 (shorter than any SIMD vector), 40 (more
+// than one 32-row block of A) and 32; types alternate F32/F16, and the two rank-32 pairs are
+// Q8_0 and Q4_0 (whole blocks). Returns the count written to ps.
+static int tp_make_all(tmodel *tm, tpair *ps, int with_output, uint64_t seed) {
+    g_rng = seed;
+    int n = 0;
+    for (int32_t l = 0; l < tm->cfg.n_layers; l++)
+        for (int k = 0; k < 7; k++) {
+            int64_t rank = 3 + (n % 7);
+            int32_t type = n % 2 ? EDGELLM_TYPE_F16 : EDGELLM_TYPE_F32;
+            if (l == 1 && k == 6) rank = 40;
+            if (l == 0 && k == 4) {  // ffn_gate [64, 96]: Q8_0 blocks in A's and B's rows
+                rank = 32;
+                type = EDGELLM_TYPE_Q8_0;
+            }
+            if (l == 1 && k == 0) {  // attn_q [64, 64]: Q4_0
+                rank = 32;
+                type = EDGELLM_TYPE_Q4_0;
+            }
+            tp_make(&ps[n++], &tm->lay[l][k_lora_roles[k]], k_lora_roles[k], l, rank, type);
+        }
+    if (with_output) tp_make(&ps[n++], &tm->glob[EDGELLM_TENSOR_OUTPUT], EDGELLM_TENSOR_OUTPUT, -1, 5,
+                             EDGELLM_TYPE_F32);
+    return n;
+}
+
+// Adapted logits == the double reference on merged weights W + scale * alpha / rank * B A, for
+// F32/F16/Q8_0/Q4_0 bases, every ISA, a prompt spanning two prefill chunks, and single-token
+// steps; detach restores the base bit for bit; scale 0 is the base bit for bit.
+static void test_lora_reference(void) {
+    const edgellm_config cfg = small_config();
+    enum { N = 70, NP = 2 * 7 + 1 };
+    int32_t toks[N];
+    make_tokens(toks, N, cfg.vocab_size, 21);
+    const size_t nl = (size_t)N * cfg.vocab_size;
+    double *ref = malloc(nl * sizeof *ref);
+    float *got = malloc(nl * sizeof *got), *base0 = malloc(nl * sizeof *base0);
+    float *base1 = malloc(nl * sizeof *base1);
+    const uint32_t ok_isas = edgellm_isa_built_mask() & edgellm_isa_supported_mask();
+    const float alpha = 16.0f, scale = 0.5f;
+    for (int wi = 0; wi < 4; wi++) {
+        tmodel tm;
+        const int tied = wi % 2;  // F16 and Q4_0 bases tie the output (no output pair)
+        tm_build(&tm, &cfg, k_wtypes[wi], wi == 2, tied, 500 + wi);
+        eval_all(&tm, EDGELLM_TYPE_F32, 2, toks, N, base0);
+        tpair ps[NP];
+        const int np = tp_make_all(&tm, ps, !tied, 600 + wi);
+        edgellm_adapter *ad = NULL;
+        CHECK_STATUS(edgellm_adapter_new(tm.m, alpha, &ad), EDGELLM_STATUS_OK, NULL);
+        for (int i = 0; i < np; i++) CHECK_STATUS(tp_register(ad, &ps[i]), EDGELLM_STATUS_OK, NULL);
+        CHECK_STATUS(edgellm_adapter_finalize(ad), EDGELLM_STATUS_OK, NULL);
+        CHECK(edgellm_adapter_n_pairs(ad) == np);
+        CHECK_STATUS(edgellm_model_attach_adapter(tm.m, ad, scale), EDGELLM_STATUS_OK, NULL);
+        // The reference runs on merged weights (the registered base data is untouched).
+        for (int i = 0; i < np; i++)
+            tp_merge(&ps[i], tm_get(&tm, ps[i].role, ps[i].layer), scale * alpha / (double)ps[i].rank);
+        ref_forward(&tm, toks, N, ref);
+        const double tol = is_quant(k_wtypes[wi]) ? TOL_REF_QUANT : TOL_REF_F32;
+        for (int32_t isa = 0; isa < EDGELLM_ISA_COUNT; isa++) {
+            if (!(ok_isas & (1u << isa))) continue;
+            CHECK_STATUS(edgellm_isa_select(edgellm_isa_name(isa)), EDGELLM_STATUS_OK, NULL);
+            eval_all(&tm, EDGELLM_TYPE_F32, 2, toks, N, got);
+            const double d = rel_diff_ref(got, ref, nl);
+            const double moved = rel_diff_ref(base0, ref, nl);
+            printf("lora reference: type %d %-7s rel diff %.3g (tol %.3g; base vs merged %.3g)\n",
+                   k_wtypes[wi], edgellm_isa_name(isa), d, tol, moved);
+            CHECK(d <= tol);
+            CHECK(moved > 10 * tol);  // the adapter matters: the comparison can fail
+        }
+        CHECK_STATUS(edgellm_isa_select(NULL), EDGELLM_STATUS_OK, NULL);
+        eval_each(&tm, EDGELLM_TYPE_F32, 3, toks, N, got);  // decode steps
+        CHECK(rel_diff_ref(got, ref, nl) <= tol);
+        // Thread counts give identical adapted logits.
+        eval_all(&tm, EDGELLM_TYPE_F32, 1, toks, N, got);
+        eval_all(&tm, EDGELLM_TYPE_F32, 3, toks, N, base1);
+        CHECK(memcmp(got, base1, nl * sizeof *got) == 0);
+        // Scale 0 adds exact zeros; detach removes the adapter: the base logits, bit for bit.
+        CHECK_STATUS(edgellm_model_attach_adapter(tm.m, ad, 0.0f), EDGELLM_STATUS_OK, NULL);
+        eval_all(&tm, EDGELLM_TYPE_F32, 2, toks, N, base1);
+        CHECK(memcmp(base0, base1, nl * sizeof *base0) == 0);
+        CHECK_STATUS(edgellm_model_detach_adapter(tm.m), EDGELLM_STATUS_OK, NULL);
+        eval_all(&tm, EDGELLM_TYPE_F32, 2, toks, N, base1);
+        CHECK(memcmp(base0, base1, nl * sizeof *base0) == 0);
+        edgellm_adapter_free(ad);
+        for (int i = 0; i < np; i++) tp_free(&ps[i]);
+        tm_free(&tm);
+    }
+    free(ref);
+    free(got);
+    free(base0);
+    free(base1);
+}
+
+// Shapes, pairs, values and states an adapter must refuse, each with its status and detail;
+// a refused attach leaves the attached adapter in place; a stale session cache is refused.
+static void test_lora_errors(void) {
+    const edgellm_config cfg = small_config();
+    tmodel tm, other;
+    tm_build(&tm, &cfg, EDGELLM_TYPE_F32, 0, 1, 700);  // tied: no output tensor
+    tm_build(&other, &cfg, EDGELLM_TYPE_F32, 0, 0, 701);
+    g_rng = 702;
+    tpair q, q2;
+    tp_make(&q, &tm.lay[0][EDGELLM_TENSOR_ATTN_Q], EDGELLM_TENSOR_ATTN_Q, 0, 4, EDGELLM_TYPE_F32);
+    tp_make(&q2, &tm.lay[0][EDGELLM_TENSOR_ATTN_Q], EDGELLM_TENSOR_ATTN_Q, 0, 6, EDGELLM_TYPE_F32);
+    const int64_t dim = cfg.dim, qd = (int64_t)cfg.n_heads * cfg.head_dim;
+    edgellm_adapter *a = NULL;
+    CHECK_STATUS(edgellm_adapter_new(NULL, 1.0f, &a), EDGELLM_STATUS_ERR_INVALID_ARG, "model is NULL");
+    CHECK_STATUS(edgellm_adapter_new(tm.m, NAN, &a), EDGELLM_STATUS_ERR_FORMAT, "alpha");
+    CHECK_STATUS(edgellm_adapter_new(tm.m, -1.0f, &a), EDGELLM_STATUS_ERR_FORMAT, "alpha");
+    CHECK_STATUS(edgellm_adapter_new(tm.m, 8.0f, &a), EDGELLM_STATUS_OK, NULL);
+    const int32_t A = EDGELLM_LORA_A, B = EDGELLM_LORA_B, F32 = EDGELLM_TYPE_F32;
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, 2, F32, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_INVALID_ARG, "part");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_TOKEN_EMBD, -1, A, F32, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_UNSUPPORTED, "token_embd");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_NORM, 0, A, F32, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_INVALID_ARG, "projection");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_OUTPUT, -1, A, F32, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_FORMAT, "tied");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 2, A, F32, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_FORMAT, "layer 2");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, A, F32, q.ad, dim + 1, 4, q.an),
+                 EDGELLM_STATUS_ERR_FORMAT, "does not fit");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, B, F32, q.bd, 4, qd + 32, q.bn),
+                 EDGELLM_STATUS_ERR_FORMAT, "does not fit");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, A, F32, q.ad, dim, 0, 0),
+                 EDGELLM_STATUS_ERR_FORMAT, "rank 0");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, A, F32, q.ad, dim, 4, q.an - 4),
+                 EDGELLM_STATUS_ERR_FORMAT, "bytes");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, A, 3, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_UNSUPPORTED, "type 3");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, A, F32, NULL, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_INVALID_ARG, "NULL");
+    // Non-finite values: refused with the element's place, and the slot stays empty.
+    ((float *)q.ad)[5] = INFINITY;
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, A, F32, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_FORMAT, "element 5");
+    ((float *)q.ad)[5] = 0.25f;
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, A, F32, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, A, F32, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_FORMAT, "twice");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, B, F32, q2.bd, 6, qd, q2.bn),
+                 EDGELLM_STATUS_ERR_FORMAT, "rank 6 differs");
+    // A lone half fails finalize; attach needs a finalized adapter.
+    CHECK_STATUS(edgellm_model_attach_adapter(tm.m, a, 1.0f), EDGELLM_STATUS_ERR_STATE, "finalized");
+    CHECK_STATUS(edgellm_adapter_finalize(a), EDGELLM_STATUS_ERR_FORMAT, "lora_a but no lora_b");
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_Q, 0, B, F32, q.bd, 4, qd, q.bn),
+                 EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_adapter_finalize(a), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_adapter_set_tensor(a, EDGELLM_TENSOR_ATTN_K, 0, A, F32, q.ad, dim, 4, q.an),
+                 EDGELLM_STATUS_ERR_STATE, "frozen");
+    edgellm_adapter *empty = NULL;
+    CHECK_STATUS(edgellm_adapter_new(tm.m, 0.0f, &empty), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_adapter_finalize(empty), EDGELLM_STATUS_ERR_FORMAT, "no tensors");
+    CHECK_STATUS(edgellm_model_attach_adapter(other.m, a, 1.0f), EDGELLM_STATUS_ERR_INVALID_ARG,
+                 "another model");
+    CHECK_STATUS(edgellm_model_attach_adapter(tm.m, a, INFINITY), EDGELLM_STATUS_ERR_INVALID_ARG, "scale");
+
+    // A session's cache filled before an attach is refused until truncated to 0.
+    enum { N = 9 };
+    int32_t toks[N];
+    make_tokens(toks, N, cfg.vocab_size, 30);
+    float *l0 = malloc((size_t)cfg.vocab_size * sizeof *l0), *l1 = malloc((size_t)cfg.vocab_size * sizeof *l1);
+    edgellm_session *s = NULL;
+    CHECK_STATUS(edgellm_session_new(tm.m, 32, EDGELLM_TYPE_F32, 2, &s), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_session_eval(s, toks, N, EDGELLM_LOGITS_LAST, l0), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_model_attach_adapter(tm.m, a, 1.0f), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_session_eval(s, toks, 1, EDGELLM_LOGITS_LAST, l1), EDGELLM_STATUS_ERR_STATE,
+                 "truncate");
+    CHECK(edgellm_session_pos(s) == N);
+    CHECK_STATUS(edgellm_session_truncate(s, 0), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_session_eval(s, toks, N, EDGELLM_LOGITS_LAST, l1), EDGELLM_STATUS_OK, NULL);
+    CHECK(memcmp(l0, l1, (size_t)cfg.vocab_size * sizeof *l0) != 0);
+    // Freeing an attached adapter detaches it: the model runs the base again (after a truncate).
+    edgellm_adapter_free(a);
+    CHECK_STATUS(edgellm_session_truncate(s, 0), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_session_eval(s, toks, N, EDGELLM_LOGITS_LAST, l1), EDGELLM_STATUS_OK, NULL);
+    CHECK(memcmp(l0, l1, (size_t)cfg.vocab_size * sizeof *l0) == 0);
+    CHECK_STATUS(edgellm_model_detach_adapter(tm.m), EDGELLM_STATUS_OK, NULL);  // none: a no-op
+    edgellm_session_free(s);
+    // A model freed first: freeing its (attached) adapter afterwards touches nothing freed.
+    edgellm_adapter *late = NULL;
+    CHECK_STATUS(edgellm_adapter_new(other.m, 1.0f, &late), EDGELLM_STATUS_OK, NULL);
+    g_rng = 703;
+    tpair o;
+    tp_make(&o, &other.lay[1][EDGELLM_TENSOR_FFN_DOWN], EDGELLM_TENSOR_FFN_DOWN, 1, 2, EDGELLM_TYPE_F16);
+    CHECK_STATUS(tp_register(late, &o), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_adapter_finalize(late), EDGELLM_STATUS_OK, NULL);
+    CHECK_STATUS(edgellm_model_attach_adapter(other.m, late, 1.0f), EDGELLM_STATUS_OK, NULL);
+    tm_free(&other);
+    edgellm_adapter_free(late);
+    edgellm_adapter_free(empty);
+    tp_free(&o);
+    tp_free(&q);
+    tp_free(&q2);
+    free(l0);
+    free(l1);
+    tm_free(&tm);
+}
+
 static void run(const char *name, void (*fn)(void)) {
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -888,6 +1156,8 @@ int main(void) {
     run("test_truncate", test_truncate);
     run("test_overflow_isolated", test_overflow_isolated);
     run("test_context_full", test_context_full);
+    run("test_lora_reference", test_lora_reference);
+    run("test_lora_errors", test_lora_errors);
     printf("test_core: %d checks, %d failures\n", g_checks, g_failures);
     return g_failures != 0;
 }

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,7 +16,8 @@ from typing_extensions import Self
 
 from .. import _native
 from .._native import ffi, lib
-from ..errors import ContextFullError, InvalidArgumentError, StateError
+from ..errors import ContextFullError, InvalidArgumentError, ModelFormatError, StateError
+from ..formats.adapter import AdapterInfo, LoraFile, read_adapter
 from ..formats.gguf import GGUFFile, read_gguf
 from .config import ModelConfig, tensor_roles
 from .sampler import Sampler
@@ -61,6 +64,8 @@ class Model:
     - ``m.generate("Once upon a time", max_tokens=64)`` runs a fresh session and returns text;
       ``stream=True`` yields text pieces instead.
     - ``with m.session() as s:`` keeps the KV cache between calls (multi-turn chat).
+    - ``m.attach_adapter("update.gguf", scale=1.0)`` applies a LoRA adapter to every session
+      (between generations); ``m.detach_adapter()`` returns to the base weights.
     - ``m.close()`` (or ``with Model(...) as m:``) releases the C objects and the mapping.
 
     A Model may be shared by sessions, but each Session is single-threaded.
@@ -89,6 +94,10 @@ class Model:
         self._gguf: GGUFFile | None = read_gguf(self.path)
         self._buffers: list[Any] = []  # cffi views of the mapping, alive as long as the model
         self._c: Any = None
+        self._adapter: _Attached | None = None
+        self._adapter_epoch = 0  # bumped by attach/detach, as the C model's adapter_epoch
+        self._busy = 0  # evals and generations in progress (attach/detach wait for none)
+        self._busy_lock = threading.Lock()
         try:
             self._load(n_threads, n_ctx, kv_type)
         except BaseException:
@@ -144,6 +153,9 @@ class Model:
 
     def close(self) -> None:
         """Free the C model and unmap the file; idempotent. Sessions must be closed first."""
+        if self._adapter is not None:
+            self._adapter.release()  # edgellm_adapter_free detaches it from the C model
+            self._adapter = None
         if self._c is not None:
             ffi.release(self._c)  # runs edgellm_model_free now, not at GC
             self._c = None
@@ -162,6 +174,103 @@ class Model:
         if self._c is None:
             raise StateError("the model is closed")
         return self._c
+
+    # -- adapters -------------------------------------------------------------------------
+
+    @property
+    def adapter(self) -> AdapterInfo | None:
+        """The attached LoRA adapter (path, sha256, rank, alpha, scale, n_tensors), or None."""
+        return self._adapter.info if self._adapter is not None else None
+
+    def attach_adapter(self, path: str | os.PathLike[str], scale: float = 1.0) -> AdapterInfo:
+        """Apply a LoRA adapter (llama.cpp's GGUF layout) to every session, replacing any attached.
+
+        The base weights stay mapped as they are: the forward adds
+        ``scale * alpha / rank * B (A x)`` to each adapted projection. A session's cached
+        positions were computed without it, so generate() re-evaluates its prompt from the
+        start; Session.eval() on a non-empty cache raises StateError until truncate(0).
+
+        Args:
+            path: the adapter GGUF (``general.type = adapter``, ``adapter.type = lora``).
+            scale: the user's multiplier (llama.cpp's ``--lora-scaled``); 0 disables it.
+
+        Returns:
+            What Model.adapter reports from now on.
+
+        Raises:
+            ModelFormatError: not an adapter, another architecture, shapes or ranks that do
+                not fit the base, a missing half of a pair, unknown tensors, NaN/Inf values.
+            UnsupportedError: an adapter kind or tensor type edgellm does not run.
+            StateError: a generation or eval is running on a session of this model.
+
+        Nothing changes when it raises: the adapter attached before (if any) stays.
+
+        .. versionadded:: 0.1
+        """
+        handle = self._handle()
+        scale = float(scale)
+        if not math.isfinite(scale):
+            raise InvalidArgumentError(f"scale must be finite, got {scale}")
+        lf = read_adapter(path)
+        new: _Attached | None = None
+        try:
+            if lf.arch != self.config.arch:
+                raise ModelFormatError(
+                    f"{lf.path} is an adapter for architecture {lf.arch!r}; this model is {self.config.arch!r}")
+            out = ffi.new("edgellm_adapter **")
+            _native.check(lib.edgellm_adapter_new(handle, lf.alpha, out))
+            new = _Attached(ffi.gc(out[0], lib.edgellm_adapter_free), lf)
+            for pair in lf.pairs:
+                role = getattr(lib, "EDGELLM_TENSOR_" + pair.role)
+                for part, t in ((lib.EDGELLM_LORA_A, pair.a), (lib.EDGELLM_LORA_B, pair.b)):
+                    buf = ffi.from_buffer(lf.gguf.tensor_bytes(t.name))
+                    new.buffers.append(buf)
+                    _native.check(lib.edgellm_adapter_set_tensor(
+                        new.c, role, pair.layer, part, t.type, buf, t.shape[0], t.shape[1], t.nbytes))
+            _native.check(lib.edgellm_adapter_finalize(new.c))
+            info = new.info = AdapterInfo(path=lf.path, sha256=lf.sha256(), rank=lf.rank, alpha=lf.alpha,
+                                          scale=scale, n_tensors=int(lib.edgellm_adapter_n_pairs(new.c)))
+            with self._busy_lock:
+                if self._busy:
+                    raise StateError("cannot attach an adapter while a generation is running on this model")
+                _native.check(lib.edgellm_model_attach_adapter(handle, new.c, scale))
+                old, self._adapter = self._adapter, new
+                self._adapter_epoch += 1
+        except BaseException:
+            if new is not None:
+                new.release()
+            else:
+                lf.close()
+            raise
+        if old is not None:
+            old.release()
+        return info
+
+    def detach_adapter(self) -> None:
+        """Return to the base weights (no-op without an adapter); same rules as attach_adapter.
+
+        Raises:
+            StateError: a generation or eval is running on a session of this model.
+        """
+        handle = self._handle()
+        with self._busy_lock:
+            if self._busy:
+                raise StateError("cannot detach the adapter while a generation is running on this model")
+            old, self._adapter = self._adapter, None
+            if old is None:
+                return
+            _native.check(lib.edgellm_model_detach_adapter(handle))
+            self._adapter_epoch += 1
+        old.release()
+
+    def _enter(self) -> None:
+        """Mark an eval or generation as running (attach/detach refuse meanwhile)."""
+        with self._busy_lock:
+            self._busy += 1
+
+    def _leave(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
 
     # -- text -----------------------------------------------------------------------------
 
@@ -224,6 +333,7 @@ class Session:
         self._one = np.zeros(1, dtype=np.int32)  # the decode loop's input, reused every step
         self._one_c = ffi.from_buffer("int32_t[]", self._one)
         self.last_stats: GenerationStats | None = None
+        self._epoch = model._adapter_epoch  # the model's adapter epoch the cache was filled under
 
     def close(self) -> None:
         """Free the KV cache and threads; idempotent."""
@@ -273,9 +383,16 @@ class Session:
             out, out_c = self._last, self._last_c
         else:
             out, out_c = np.empty(0, dtype=np.float32), ffi.NULL
-        _native.check(
-            lib.edgellm_session_eval(self._handle(), ffi.from_buffer("int32_t[]", toks), n, _LOGITS[logits], out_c)
-        )
+        model = self.model
+        model._enter()
+        try:
+            if not self.tokens:
+                self._epoch = model._adapter_epoch
+            _native.check(
+                lib.edgellm_session_eval(self._handle(), ffi.from_buffer("int32_t[]", toks), n, _LOGITS[logits], out_c)
+            )
+        finally:
+            model._leave()
         self.tokens.extend(toks.tolist())
         if logits == "all":
             self._last[:] = out[-1]
@@ -304,6 +421,8 @@ class Session:
                 break
             common += 1
         common = min(common, len(prompt) - 1)  # re-evaluate at least one token for fresh logits
+        if self._epoch != self.model._adapter_epoch:
+            common = 0  # cached under another adapter (or none): recompute everything
         self.truncate(common)
         rest = prompt[common:]
         if len(prompt) > self.n_ctx:
@@ -351,6 +470,14 @@ class Session:
         stats = GenerationStats()
         stats.prompt_tokens = len(ids)
         self.last_stats = stats
+        self.model._enter()  # until the generator finishes: no adapter swap mid-answer
+        try:
+            yield from self._generate(ids, max_tokens, sampler, stops, stats)
+        finally:
+            self.model._leave()
+
+    def _generate(self, ids: list[int], max_tokens: int, sampler: Sampler, stops: list[str],
+                  stats: GenerationStats) -> Iterator[str]:
         t0 = time.perf_counter()
         self._prefill(ids)
         t1 = time.perf_counter()
@@ -400,6 +527,24 @@ class Session:
         """
         ids = self.model.tokenizer.encode_chat(messages)  # BOS only if the template lacks it
         return self.generate(ids, max_tokens, **kwargs)
+
+
+class _Attached:
+    """A C adapter with the mapped file and cffi views its F32/F16 tensors point into."""
+
+    def __init__(self, c: Any, lf: LoraFile) -> None:
+        self.c = c
+        self.file = lf
+        self.buffers: list[Any] = []
+        self.info: AdapterInfo | None = None
+
+    def release(self) -> None:
+        """Free the C adapter (detaching it if attached), then drop the views and the mapping."""
+        if self.c is not None:
+            ffi.release(self.c)  # runs edgellm_adapter_free now
+            self.c = None
+        self.buffers.clear()
+        self.file.close()
 
 
 def _overlap(text: str, stop: str) -> int:
