@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.greedy import edgellm_greedy as _edgellm_greedy
+from support.greedy import llama_cpp_greedy as _llama_cpp_greedy
 from support.tiny_models import make_tiny_llama, make_tiny_qwen2
 from support.tolerances import GREEDY_TIE_Q8_0, LOGITS_REL_TRANSFORMERS, rel_err
 
@@ -176,32 +178,6 @@ def test_q8_0_picks_transformers_greedy_tokens_on_a_pretrained_model(tmp_path: P
 
 
 # --- llama.cpp ------------------------------------------------------------------------
-
-
-def _llama_cpp_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
-    llm.reset()
-    llm.eval(prompt)
-    out = []
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
-    llm.close()
-    return out
-
-
-def _edgellm_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
-    with edgellm.Model(path, n_threads=2) as m, m.session() as s:
-        s.eval(prompt)
-        out = []
-        for _ in range(n):
-            nxt = int(np.argmax(s._last))
-            out.append(nxt)
-            s.eval([nxt])
-    return out
 
 
 @pytest.mark.parametrize("wtype", ["f32", "q8_0", "q4_0"])
