@@ -501,9 +501,10 @@ def _hub_broker(a: argparse.Namespace) -> int:
     broker = Broker(home)
     stop = [False]
 
-    def on_signal(*_: Any) -> None:
+    def on_signal(*_: Any) -> None:  # only signal here: wait() below returns when it exits
         stop[0] = True
-        broker.stop()
+        if broker.proc is not None and broker.proc.poll() is None:
+            broker.proc.terminate()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
@@ -511,6 +512,7 @@ def _hub_broker(a: argparse.Namespace) -> int:
     print(f"mosquitto (pid {broker.pid}) listens on {home.host}:{home.port} (TLS, client "
           f"certificates); log {home.broker_log}; Ctrl-C stops it", file=sys.stderr)
     rc = broker.wait()
+    broker.stop()  # reaps it and removes the pid file
     if stop[0]:
         return 0
     from .errors import BrokerError

@@ -97,3 +97,7 @@ class PatchBaseError(PatchError):
 
 class UpdateError(EdgeLLMError, RuntimeError):
     """An update could not be staged, installed or committed; the previous model stays active."""
+
+
+class DeviceConfigError(EdgeLLMError, ValueError):
+    """A device.toml is missing, unreadable or has a bad field (names the file and the field)."""
