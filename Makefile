@@ -32,12 +32,11 @@ testarm:
 bench: build
 	$(PY) bench/bench_llamacpp.py
 
-# The main job on embedded defaults (today: convert the shipped stories260K model and run it).
+# The main job on embedded defaults: the shipped model tree, the choice for a Raspberry Pi 5,
+# an answer from the cardiology leaf, then a hub + local Mosquitto + device agent reporting
+# usage (SQLite, certificates and broker under build/demo). Every step explains itself.
 demo: build
-	mkdir -p build/demo
-	$(PY) -m edgellm convert tests/data/stories260K/stories260K.bin --out build/demo/stories260K-q8_0.gguf --type q8_0
-	$(PY) -m edgellm info build/demo/stories260K-q8_0.gguf
-	$(PY) -m edgellm run build/demo/stories260K-q8_0.gguf "Once upon a time" -n 120 --temp 0 -v
+	$(PY) -m edgellm.demo.walkthrough --work build/demo
 
 clean:
 	rm -rf build build-asan build-aarch64 edgellm/_edgellm_cffi*.so

@@ -679,6 +679,33 @@ def cmd_patch(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(a: argparse.Namespace) -> int:
+    """The device agent: birth, usage reports, death (`edgellm agent --help`)."""
+    import logging
+    import signal
+
+    from .fleet.agent import Agent
+    from .fleet.device_config import load_device_config
+
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    agent = Agent(load_device_config(a.config))
+
+    def _interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)  # a clean stop: death certificate, disconnect
+    try:
+        agent.run(once=a.once)
+    except KeyboardInterrupt:
+        pass
+    st = agent.stats
+    print(f"agent {agent.cfg.device_id}: {st['reports']} report(s) queued, {st['acked']} "
+          f"acknowledged, {st['oversized']} dropped as oversized, {st['connects']} "
+          f"connection(s)", file=sys.stderr)
+    return 0 if not a.once or st["acked"] >= st["reports"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgellm",
@@ -1005,6 +1032,23 @@ def build_parser() -> argparse.ArgumentParser:
              "(docs/fleet.md).")
     hsub = sp.add_subparsers(dest="hub_action", metavar="ACTION")
     _add_hub_actions(hsub)
+
+    sp = add("agent", cmd_agent,
+             "run the device agent: tell the hub what this device runs and how it is used",
+             "examples:\n  edgellm agent --config /etc/edgellm/device.toml\n"
+             "  edgellm agent --config device.toml --once   # one report, then a clean stop\n"
+             "device.toml comes in the bundle `edgellm hub add-device` writes. The agent connects\n"
+             "over TLS with the device certificate (trusting only the CA named there), publishes a\n"
+             "birth certificate, sends a usage report (counts and latency percentiles, never text)\n"
+             "every report_interval_s, keeps unsent reports in state_dir across restarts (capped\n"
+             "at queue_max_bytes, oldest merged first) and publishes a death certificate when it\n"
+             "stops (SIGINT/SIGTERM). Example text leaves only with share_examples = true, after\n"
+             "redaction. See docs/fleet.md, \"The device agent\".")
+    sp.add_argument("--config", required=True, metavar="device.toml",
+                    help="the device config (relative paths in it are relative to the file)")
+    sp.add_argument("--once", action="store_true",
+                    help="connect, send one report and what is queued, stop (exit 1 if not all "
+                         "were acknowledged)")
     return p
 
 

@@ -92,3 +92,24 @@ def test_select_picks_the_leaf_for_a_bedside_pi() -> None:
 
     sel = select(load_board("rpi5"), LEAF, list_bundles(BUNDLES), context=512)
     assert sel.require().node == LEAF and sel.fallback is None
+
+
+def test_walkthrough_runs_end_to_end(tmp_path: Path) -> None:
+    """`make demo`'s script: tree, choice, answer, then a real hub + Mosquitto + agent."""
+    import subprocess
+    import sys
+
+    from edgellm.demo.walkthrough import QUESTIONS
+
+    r = subprocess.run([sys.executable, "-m", "edgellm.demo.walkthrough", "--work", str(tmp_path)],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = r.stdout
+    assert "choice: en/medical/cardiology q8_0 v1 (rpi5)" in out
+    stored = next(line for line in out.splitlines() if line.startswith("the hub stored this report:"))
+    report = json.loads(stored.split(":", 1)[1])
+    assert report["requests"] == len(QUESTIONS) and report["node"] == LEAF
+    assert report["gen_tokens"] > 0 and report["seq"] == 0
+    for q in QUESTIONS:  # nothing of the questions reached the hub
+        assert q.split("\n")[0][len("Question: "):] not in stored
+    assert "1 (0 online, 1 offline" in out  # the death certificate arrived
