@@ -61,6 +61,7 @@ from typing import IO, Any, Callable
 import numpy as np
 
 from ..errors import EdgeLLMError, PatchBaseError, PatchError
+from ..formats.bundle import sha256_file
 
 __all__ = ["CODECS", "MAGIC", "Blob", "Patch", "Segment", "TensorOp", "apply_patch", "make_adapter_patch",
            "make_delta", "read_patch", "sha256_path"]
@@ -81,13 +82,7 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _ZEROS = bytes(CHUNK)
 
 
-def sha256_path(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_path = sha256_file  # hex sha256 of a file's bytes (streamed); one implementation
 
 
 # --------------------------------------------------------------------------------------
