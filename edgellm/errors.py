@@ -101,3 +101,7 @@ class UpdateError(EdgeLLMError, RuntimeError):
 
 class DeviceConfigError(EdgeLLMError, ValueError):
     """A device.toml is missing, unreadable or has a bad field (names the file and the field)."""
+
+
+class TufRepoError(EdgeLLMError, RuntimeError):
+    """The hub's TUF repository is missing, already initialised or lacks a role's keys."""

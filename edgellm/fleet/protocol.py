@@ -157,6 +157,9 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     # hub delete every copy on request.
     "example": {**_HEADER, "hour": _int(), "node": _ident, "text": _text, "delete_tag": _ident,
                 "rating?": _int(-1, 1)},
+    # A device asks the hub for one chunk of a TUF object (edgellm.fleet.tuf_mqtt) on its req
+    # topic, with MQTT v5 Response Topic (its resp/<one level>) and Correlation Data.
+    "fetch": {**_HEADER, "path": _ident, "offset?": _int()},
     # Commands from the hub.
     "rebirth": {"v": _HEADER["v"], "type": _ident},
 }
