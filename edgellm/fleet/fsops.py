@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+from .._fsutil import fsync_path
+
 __all__ = ["MUTATIONS", "FaultFS", "FileOps", "PowerCut", "StrPath"]
 
 StrPath = Union[str, "os.PathLike[str]"]
@@ -76,23 +78,13 @@ class FileOps:
 
     def fsync(self, path: StrPath) -> None:
         """Make a file's bytes durable."""
-        if not self.sync:
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.sync:
+            fsync_path(path)
 
     def fsync_dir(self, path: StrPath) -> None:
         """Make a folder's entries (creates, renames, unlinks) durable."""
-        if not self.sync:
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.sync:
+            fsync_path(path)
 
     def rename(self, src: StrPath, dst: StrPath) -> None:
         """Atomically replace dst by src (POSIX rename)."""

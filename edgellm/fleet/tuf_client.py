@@ -23,20 +23,13 @@ from pathlib import Path
 from tuf.api.exceptions import RepositoryError
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
+from .._fsutil import fsync_dir
 from ..errors import UpdateError
 from .tuf_mqtt import METADATA_URL, TARGETS_URL
 
 __all__ = ["PROVISIONED_ROOT", "DurableUpdater", "download", "refresh", "trusted_client"]
 
 PROVISIONED_ROOT = "provisioned-root.json"
-
-
-def _fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DurableUpdater(Updater):
@@ -53,7 +46,7 @@ class DurableUpdater(Updater):
                 os.fsync(f.fileno())
             os.replace(tmp, filename)
             tmp = None
-            _fsync_dir(directory)
+            fsync_dir(directory)
         finally:
             if tmp is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -61,7 +54,7 @@ class DurableUpdater(Updater):
 
     def _update_root_symlink(self) -> None:
         super()._update_root_symlink()
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
 
 
 def trusted_client(state_dir: str | os.PathLike[str], fetcher: FetcherInterface, *,
@@ -102,5 +95,5 @@ def download(updater: Updater, target_name: str) -> Path:
     path = updater.find_cached_target(info) or updater.download_target(info)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
     return Path(path)

@@ -41,6 +41,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from .._fsutil import atomic_write
 from ..errors import InvalidArgumentError, TufRepoError
 
 __all__ = ["EXPIRY_DAYS", "ROLES", "TARGET_CUSTOM_KEYS", "TufRepo"]
@@ -65,20 +66,6 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class TufRepo:
@@ -205,7 +192,7 @@ class TufRepo:
         role = md.signed.type
         name = "timestamp.json" if role == "timestamp" else f"{md.signed.version}.{role}.json"
         path = self.metadata_dir / name
-        _write_atomic(path, md.to_bytes(self._ser))
+        atomic_write(path, md.to_bytes(self._ser))
         return path
 
     def _publish_snapshot(self, targets_version: int) -> None:

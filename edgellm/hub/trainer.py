@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .._fsutil import fsync_dir
 from ..errors import CheckpointMismatchError, CorpusError, DiskFullError, InvalidArgumentError
 
 __all__ = ["CHECKPOINT_FORMAT", "TOKENIZER_FILES", "Run", "TrainResult", "TrainSettings",
@@ -269,14 +270,6 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def _disk_full(what: str, path: Path, keep: str) -> Iterator[None]:
     """Turn ENOSPC into DiskFullError naming the path and what stays valid."""
@@ -338,13 +331,13 @@ def _save_checkpoint(out: Path, model: Any, opt: torch.optim.Optimizer,
             _write_json(tmp / "state.json", {
                 "format": CHECKPOINT_FORMAT, **state, "param_groups": sd["param_groups"],
                 "scheduler": sched_state, "history": _json_safe(state["history"])})
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             # Keep the previous checkpoint until the new one is in place.
             if ckpt.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(ckpt, old)
             os.replace(tmp, ckpt)
-            _fsync_dir(out)
+            fsync_dir(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -675,11 +668,11 @@ def _write_final(run: Run, model: Any, r: TrainResult, identity: Mapping[str, An
                         os.fsync(f.fileno())
                     names.append(n)
             _write_json(tmp / "train.json", _json_safe(facts))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             # train.json last: its presence says the rest of the folder is complete.
             for n in [*names, "train.json"]:
                 os.replace(tmp / n, out / n)
-            _fsync_dir(out)
+            fsync_dir(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

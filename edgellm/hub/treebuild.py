@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from .._fsutil import atomic_write, fsync_dir
 from ..errors import DiskFullError, EdgeLLMError, TokenizerMismatchError
 from ..formats.bundle import MANIFEST_NAME, FileEntry
 from .registry import Expected, NewBuild, NewVersion, Registry, ScoreInfo, VersionInfo
@@ -234,27 +235,9 @@ def _write_heldout(tree: TreeSpec, data: TreeData, folder: Path) -> list[Path]:
         p = folder / f"{name}.txt"
         text = data.heldout_text(name)
         if not p.is_file() or p.read_text(encoding="utf-8") != text:
-            _atomic_write(p, text.encode("utf-8"))
+            atomic_write(p, text.encode("utf-8"))
         out.append(p)
     return out
-
-
-def _atomic_write(p: Path, blob: bytes) -> None:
-    tmp = p.with_name(f".{p.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
-    _fsync_dir(p.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -263,8 +246,8 @@ def _fsync_tree(root: Path) -> None:
         for f in files:
             with open(Path(dirpath) / f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
-    _fsync_dir(root.parent)
+        fsync_dir(Path(dirpath))
+    fsync_dir(root.parent)
 
 
 def _check_space(folder: Path, params: int, n_builds: int, train: bool, say: Any) -> None:
