@@ -660,11 +660,21 @@ def host_isa_features() -> set[str]:
     return set(_host_isa_features())
 
 
-def _library_found(name: str) -> bool:
+def find_library(name: str) -> str | None:
+    """What the dynamic loader would load for a library name (a path is checked as a file).
+
+    Used for TFLite delegates (``tflite_delegate``): None when it is not installed.
+    """
+    if os.sep in name:
+        return name if os.path.isfile(name) else None
     import ctypes.util
 
     stem = re.sub(r"^lib|\.so.*$", "", name)
-    return bool(stem) and ctypes.util.find_library(stem) is not None
+    return ctypes.util.find_library(stem) if stem else None
+
+
+def _library_found(name: str) -> bool:
+    return find_library(name) is not None
 
 
 # --------------------------------------------------------------------------------------

@@ -463,9 +463,11 @@ def _hub_init(a: argparse.Namespace) -> int:
     from .fleet.home import HubHome
     t0 = time.perf_counter()
     home = HubHome.init(a.dir or a.home, host=a.host, port=a.port, public_host=a.public_host,
-                        max_packet_size=a.max_packet_size, server_days=a.days, force=a.force)
+                        max_packet_size=a.max_packet_size, server_days=a.days, force=a.force,
+                        root_keys=a.root_keys, root_threshold=a.root_threshold)
     print(f"hub home {home.root} ({time.perf_counter() - t0:.2f} s): device CA, server CA, "
-          f"broker config for {home.host}:{home.port} (TLS), registry.db")
+          f"broker config for {home.host}:{home.port} (TLS), registry.db, TUF repository "
+          f"(root: {a.root_threshold} of {a.root_keys} keys in {home.keys_dir}/root)")
     print(f"next: edgellm hub add-device --home {home.root} --board rpi5\n"
           f"      edgellm hub broker --home {home.root}")
     return 0
@@ -476,8 +478,9 @@ def _hub_add_device(a: argparse.Namespace) -> int:
     home = HubHome.open(a.home)
     out = home.add_device(a.id, board=a.board, node=a.node, version=a.model_version,
                           days=a.days)  # no broker reload needed: the ACL has patterns only
+    root = ", provisioned-root.json" if (out / "provisioned-root.json").is_file() else ""
     print(f"device {out.name}: provisioning bundle {out}/ (device.toml, device.crt, "
-          f"device.key, server-ca.crt)")
+          f"device.key, server-ca.crt{root})")
     print(f"copy it to the device, then there: edgellm agent --config {out.name}/device.toml")
     return 0
 
@@ -532,6 +535,55 @@ def _hub_devices(a: argparse.Namespace) -> int:
     return 0
 
 
+def _hub_release(a: argparse.Namespace) -> int:
+    from .fleet.release import publish_release
+    from .fleet.rollout import parse_share, parse_waves
+    devices = [d.strip() for d in a.devices.split(",") if d.strip()] if a.devices else None
+    rel = publish_release(
+        a.home, a.node, a.node_version, board=a.board, bundle=a.bundle, registry=a.registry,
+        recipe=a.recipe, delta_from=a.delta_from, adapter=a.adapter, health=not a.no_health,
+        prompt=a.prompt, max_ms_per_token=a.max_ms_per_token,
+        canary=parse_share(a.canary, "--canary"), halt_at=parse_share(a.halt_at, "--halt-at"),
+        waves=parse_waves(a.waves) if a.waves else None, devices=devices,
+        wave_timeout=a.wave_timeout, start_rollout=not a.no_rollout)
+    if a.json:
+        print(json.dumps(rel.to_dict(), indent=2))
+        return 0
+    print(f"release {rel.release} of {rel.node}: v{rel.version} for {rel.board} from "
+          f"{rel.source}")
+    for kind, name in rel.targets.items():
+        print(f"  {kind:<8} {name}  ({rel.sizes[kind]:,} bytes)")
+    print("  health: " + (f"golden prompt, {len(rel.health.expected)} tokens" if rel.health
+                          else "files only"))
+    if rel.rollout is None:
+        print("published only (no rollout)")
+    else:
+        print(f"rollout {rel.rollout}: {len(rel.devices)} devices in waves of "
+              f"{', '.join(map(str, rel.waves))} (cumulative); `edgellm hub serve` sends the "
+              f"offers; watch: edgellm hub rollout status {rel.rollout}")
+    return 0
+
+
+def _hub_rollout(a: argparse.Namespace) -> int:
+    import time
+
+    from .errors import InvalidArgumentError
+    from .fleet import rollout
+    with contextlib.closing(_fleet_db(a)) as conn:
+        if a.what == "status":
+            rows = [rollout.status(conn, a.id)] if a.id is not None else rollout.rollouts(conn)
+            print(json.dumps(rows, indent=2) if a.json
+                  else rollout.format_status(rows, detail=a.id is not None))
+            return 0
+        if a.id is None:
+            raise InvalidArgumentError(f"edgellm hub rollout {a.what} needs a rollout ID")
+        with conn:
+            (rollout.halt if a.what == "halt" else rollout.resume)(conn, a.id, time.time())
+        st = rollout.status(conn, a.id)
+    print(json.dumps(st, indent=2) if a.json else rollout.format_status([st]))
+    return 0
+
+
 def _add_hub_actions(hsub: Any) -> None:
     """The `edgellm hub` actions (the PKI/broker ones and the fleet service ones)."""
     def action(name: str, fn: Callable[[argparse.Namespace], int], help: str,
@@ -553,7 +605,9 @@ def _add_hub_actions(hsub: Any) -> None:
                 "  edgellm hub init /srv/hub --host 0.0.0.0 --public-host hub.ward3.example.org\n"
                 "  edgellm hub init ./hub --port 18883 --force     # replace it: new CAs!\n"
                 "the broker listens on HOST:PORT with TLS only; devices dial PUBLIC_HOST (in the\n"
-                "server certificate). Keys are written 0600; back up HOME/ca (docs/fleet.md).")
+                "server certificate). Keys are written 0600; back up HOME/ca (docs/fleet.md). The TUF\n"
+                "repository (HOME/tuf, keys in HOME/keys) signs releases; every provisioning\n"
+                "bundle gets its root (provisioned-root.json). Move HOME/keys/root offline.")
     hp.add_argument("dir", nargs="?", default=None, metavar="DIR",
                     help="the folder (default --home)")
     hp.add_argument("--host", default="127.0.0.1",
@@ -567,6 +621,10 @@ def _add_hub_actions(hsub: Any) -> None:
                     help="validity of the broker's server certificate (default 825)")
     hp.add_argument("--force", action="store_true",
                     help="replace an existing hub home (every device must be provisioned again)")
+    hp.add_argument("--root-keys", type=int, default=1, metavar="N",
+                    help="TUF root keys to make (default 1; e.g. 3, kept offline apart)")
+    hp.add_argument("--root-threshold", type=int, default=1, metavar="K",
+                    help="root keys that must sign each new root (default 1; e.g. 2 of 3)")
     hp = action("add-device", _hub_add_device, "issue a device certificate and write its "
                 "provisioning bundle (HOME/devices/ID/: device.toml, certificate, key, CA)",
                 "examples:\n  edgellm hub add-device --board rpi5              # a fresh pseudonym\n"
@@ -636,6 +694,64 @@ def _add_hub_actions(hsub: Any) -> None:
                             help="group by these of node, board, version, adapter "
                                  "(default node,board,version)")
 
+    # -- releases and rollouts (edgellm/fleet/release.py, rollout.py; docs/updates.md) --
+    hp = action("release", _hub_release, "publish a node version for a board (signed TUF "
+                "targets) and roll it out to the fleet in waves",
+                "examples:\n  edgellm hub release en/medical/cardiology --version 3 --board rpi5\n"
+                "  edgellm hub release en/medical --version 2 --canary 5% --halt-at 10%\n"
+                "  edgellm hub release en --version 4 --delta-from 3 --waves 10%,50%,100%\n"
+                "  edgellm hub release stories --version 1 --bundle out/stories-x86 --no-rollout\n"
+                "  edgellm hub release en/medical --version 2 --devices d-abc,d-def\n"
+                "takes the build from the model registry (HOME/registry.sqlite: edgellm tree build\n"
+                "--out HOME) or a bundle folder (--bundle), records the golden-prompt health check,\n"
+                "signs model, manifest (and delta/adapter patches) with a new release counter, and\n"
+                "starts a rollout: the running `edgellm hub serve` offers it to a canary share\n"
+                "first, then the rest; a wave whose failure share (rolled back or refused over\n"
+                "reported) passes --halt-at halts it. See docs/updates.md, \"Releases and rollouts\".")
+    hp.add_argument("node", help="the node path, e.g. en/medical/cardiology")
+    hp.add_argument("--version", dest="node_version", type=int, required=True, metavar="V",
+                    help="the node version to release")
+    hp.add_argument("--board", default=None, metavar="B",
+                    help="board id (default: the bundle's, or the registry's only board)")
+    hp.add_argument("--bundle", default=None, metavar="DIR",
+                    help="release this bundle folder (model.gguf + bundle.json) instead")
+    hp.add_argument("--registry", default=None, metavar="FILE",
+                    help="the model registry (default HOME/registry.sqlite)")
+    hp.add_argument("--recipe", default=None, help="which build of the board (default: best)")
+    hp.add_argument("--delta-from", type=int, default=None, metavar="V0",
+                    help="also publish a delta from released version V0")
+    hp.add_argument("--adapter", default=None, metavar="GGUF",
+                    help="also publish this LoRA adapter (an adapter patch) for the model")
+    hp.add_argument("--canary", default="10%", help="the first wave's share (default 10%%)")
+    hp.add_argument("--waves", default=None, metavar="LIST",
+                    help="cumulative wave shares instead, e.g. 10%%,50%%,100%%")
+    hp.add_argument("--halt-at", default="20%",
+                    help="halt when a wave's failure share passes this (default 20%%)")
+    hp.add_argument("--wave-timeout", type=float, default=None, metavar="S",
+                    help="seconds a wave waits for silent devices (default: forever)")
+    hp.add_argument("--devices", default=None, metavar="ID,...",
+                    help="only these devices (signed into the targets)")
+    hp.add_argument("--prompt", default="Once upon a time",
+                    help="the health check's golden prompt")
+    hp.add_argument("--max-ms-per-token", type=float, default=1000.0, metavar="MS",
+                    help="p95 decode budget on the device (default 1000)")
+    hp.add_argument("--no-health", action="store_true",
+                    help="no golden-prompt check: devices only verify the files")
+    hp.add_argument("--no-rollout", action="store_true",
+                    help="publish the targets only (no offers)")
+    hp.add_argument("--json", action="store_true", help="machine-readable output")
+    hp = action("rollout", _hub_rollout, "show, halt or resume rollouts",
+                "examples:\n  edgellm hub rollout status            # every rollout, newest first\n"
+                "  edgellm hub rollout status 4 --json   # waves and devices of rollout 4\n"
+                "  edgellm hub rollout halt 4            # no further offers\n"
+                "  edgellm hub rollout resume 4          # accept the halted wave, go on\n"
+                "a halt stops offers at once (the running hub service reads the database); devices\n"
+                "already offered may still install the release (each one checks its health and\n"
+                "rolls back on its own).")
+    hp.add_argument("what", choices=("status", "halt", "resume"), help="the action")
+    hp.add_argument("id", nargs="?", type=int, default=None, help="the rollout id")
+    hp.add_argument("--json", action="store_true", help="machine-readable output")
+
 
 def cmd_patch(a: argparse.Namespace) -> int:
     """Make, inspect and apply update patches (`edgellm patch --help`)."""
@@ -704,6 +820,61 @@ def cmd_agent(a: argparse.Namespace) -> int:
           f"acknowledged, {st['oversized']} dropped as oversized, {st['connects']} "
           f"connection(s)", file=sys.stderr)
     return 0 if not a.once or st["acked"] >= st["reports"] else 1
+
+
+def cmd_firstboot(a: argparse.Namespace) -> int:
+    """Provision this device from its SD card's flash package (`edgellm firstboot --help`)."""
+    from .flash.firstboot import run_firstboot
+
+    active = run_firstboot(a.boot, a.sysroot, root=a.root, exe=a.exe)
+    print(f"firstboot: installed {active.describe()} into {a.sysroot.rstrip('/')}{a.root}; "
+          "edgellm-agent.service enabled; the one-shot hook removed", file=sys.stderr)
+    return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    """Check this device: CPU, memory, storage, broker, clock, model (`edgellm doctor --help`)."""
+    from .doctor import format_report, run_checks
+
+    checks = run_checks(config=a.config, board=a.board, timeout=a.timeout)
+    if a.json:
+        print(json.dumps([c.to_dict() for c in checks], indent=2))
+    else:
+        print(format_report(checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
+def cmd_flash(a: argparse.Namespace) -> int:
+    """Put a build and a device identity on a device (`edgellm flash --help`)."""
+    from pathlib import Path
+
+    from .flash.targets import flash
+
+    ssh = {"known_hosts": Path(a.known_hosts).expanduser(), "remote_python": a.remote_python,
+           "agent": a.agent, "sysroot": a.sysroot, "connect_timeout": a.connect_timeout}
+    if a.ssh_key:
+        ssh["key"] = Path(a.ssh_key).expanduser()
+    res = flash(board=a.board, device_id=a.device, target=a.to, home=a.home, need=a.need,
+                model=a.model, bundles=a.bundles, context=a.context, ssh_options=ssh,
+                force=a.force, show_progress=None if not a.no_progress else False)
+    print(res.line())
+    for note in res.notes:
+        print(f"  {note}", file=sys.stderr)
+    return 0
+
+
+def cmd_receive(a: argparse.Namespace) -> int:
+    """Receive a flash package on the device and install it (`edgellm receive --help`)."""
+    from .flash.receive import install_archive, receive_serial
+
+    if a.serial:
+        print(f"receive: waiting on {a.serial} at {a.baud} baud for `edgellm flash` ...",
+              file=sys.stderr)
+        active = receive_serial(a.serial, a.root, baud=a.baud, idle_timeout=a.timeout)
+    else:
+        active = install_archive(a.file, a.root)
+    print(f"receive: installed {active.describe()} into {a.root}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -780,9 +951,12 @@ def build_parser() -> argparse.ArgumentParser:
              "examples:\n  edgellm build stories260K.bin --board rpi5                 # --type auto\n"
              "  edgellm build ./hf-llama --board rpi4 --type q4_0_mixed --node en/medical \\\n"
              "      --version 2 --parent en@3 --eval-text held_out.txt --out bundles\n"
+             "  edgellm build stories260K.bin --board coral-dev-board     # + model.tflite (int8)\n"
              "the bundle goes to OUT/<node-as-dashes>-<board>-<recipe>/; the same source and options\n"
              "give a byte-identical model.gguf. auto picks the best recipe the board allows whose\n"
-             "weights + KV cache (at min(seq_len, 2048)) + scratch + runtime fit its RAM budget.")
+             "weights + KV cache (at min(seq_len, 2048)) + scratch + runtime fit its RAM budget.\n"
+             "a board with backend tflite also gets model.tflite (litert-torch export with prefill and\n"
+             "decode signatures; needs pip install 'edgellm[tflite]', see docs/tflite.md).")
     sp.add_argument("model", help="HF checkpoint directory, llama2.c .bin, or .gguf")
     sp.add_argument("--board", required=True, help="board id (boards/<id>.toml), e.g. rpi5")
     sp.add_argument("--type", default="auto",
@@ -1043,12 +1217,132 @@ def build_parser() -> argparse.ArgumentParser:
              "every report_interval_s, keeps unsent reports in state_dir across restarts (capped\n"
              "at queue_max_bytes, oldest merged first) and publishes a death certificate when it\n"
              "stops (SIGINT/SIGTERM). Example text leaves only with share_examples = true, after\n"
-             "redaction. See docs/fleet.md, \"The device agent\".")
+             "redaction. See docs/fleet.md, \"The device agent\".\n"
+             "Updates: when [model] models_dir (default models/) holds a model and the TUF root\n"
+             "([update] tuf_root) is there, the hub's offers are verified (TUF, board, device,\n"
+             "release counter) and applied inside [update] window or after idle_s idle seconds,\n"
+             "with a health check and automatic rollback. See docs/updates.md.")
     sp.add_argument("--config", required=True, metavar="device.toml",
                     help="the device config (relative paths in it are relative to the file)")
     sp.add_argument("--once", action="store_true",
                     help="connect, send one report and what is queued, stop (exit 1 if not all "
                          "were acknowledged)")
+
+    sp = add("firstboot", cmd_firstboot,
+             "on a device's first boot: install the flash package from its SD card, enable the agent",
+             "examples:\n  sudo edgellm firstboot --boot /boot/firmware      # Raspberry Pi OS\n"
+             "  sudo edgellm firstboot --boot /boot               # Jetson (L4T)\n"
+             "  edgellm firstboot --boot /mnt/bootfs --sysroot /mnt/rootfs   # a mounted image\n"
+             "`edgellm flash --to dir:/media/bootfs` writes the package (edgellm/) and a one-shot\n"
+             "hook onto the card; the hook runs this command once. It verifies the package and\n"
+             "installs it into SYSROOT/var/lib/edgellm (the update path: atomic, health-checked),\n"
+             "writes edgellm-agent.service and enables it as `systemctl enable` does, then removes\n"
+             "the hook and the package (it holds the device key) from the card. Running it again\n"
+             "changes nothing. See docs/flash.md, \"SD card and first boot\".")
+    sp.add_argument("--boot", required=True, metavar="DIR",
+                    help="the folder with edgellm/ and the hook (the boot partition)")
+    sp.add_argument("--sysroot", default="/", metavar="DIR",
+                    help="the device's root file system (default /)")
+    sp.add_argument("--root", default="/var/lib/edgellm", metavar="PATH",
+                    help="the device root as the device sees it (default /var/lib/edgellm)")
+    sp.add_argument("--exe", default=None, metavar="CMD",
+                    help="the edgellm command the agent unit runs (default: this edgellm)")
+
+    sp = add("doctor", cmd_doctor,
+             "check this device: CPU features, memory, storage, broker, clock, model",
+             "examples:\n  edgellm doctor                                   # /var/lib/edgellm/device.toml\n"
+             "  edgellm doctor --config device.toml --board rpi5 --json\n"
+             "Each check prints PASS, WARN or FAIL and, unless it passed, how to fix it. The\n"
+             "broker check opens a TLS connection to the configured host:port with the device\n"
+             "certificate (short timeout); the clock check compares the time with this build's\n"
+             "date and the broker certificate's validity; the model check verifies the served\n"
+             "model's sha256. Exit status 1 when any check FAILs. See docs/flash.md, \"doctor\".")
+    sp.add_argument("--config", default=None, metavar="device.toml",
+                    help="the device config (default /var/lib/edgellm/device.toml when present)")
+    sp.add_argument("--board", default=None, metavar="B",
+                    help="the board profile to check against (default: device.toml's board)")
+    sp.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                    help="seconds for the broker connection (default 5)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    import os
+
+    sp = add("flash", cmd_flash,
+             "put a model build and a device identity on a device over serial, SSH or an SD card",
+             "examples:\n"
+             "  edgellm flash --board rpi5 --device d-ward3bed7 --need en/medical/cardiology \\\n"
+             "      --to ssh://pi@ward3-bed7.local/var/lib/edgellm\n"
+             "  edgellm flash --board rpi5 --device d-ward3bed7 --need en/medical \\\n"
+             "      --to serial:///dev/ttyACM0?baud=921600      # the device runs `edgellm receive`\n"
+             "  edgellm flash --board rpi5 --device d-ward3bed8 --model en-medical-rpi5-q8_0 \\\n"
+             "      --to dir:/media/$USER/bootfs                 # installs at first boot\n"
+             "The build: --need selects it as `edgellm select` does (deepest node that runs on the\n"
+             "board and fits its RAM at --context); --model takes one (a bundle folder, or its name\n"
+             "under --bundles) and refuses it when the board lacks an ISA feature or the RAM.\n"
+             "The identity: the hub's devices/<ID>/ (certificate, key, device.toml, TUF root); when\n"
+             "the hub has none for ID it is issued now. Everything that can be checked before the\n"
+             "transfer is (board, build, target, host key, free space); on the device the package\n"
+             "installs through the update path (verified, atomic), so a failed flash leaves the\n"
+             "previous model. SSH uses the system's ssh with key auth only, BatchMode and\n"
+             "StrictHostKeyChecking=yes against --known-hosts; flashing the same build again\n"
+             "copies nothing. See docs/flash.md.")
+    sp.add_argument("--board", required=True, help="board id (boards/<id>.toml), e.g. rpi5")
+    sp.add_argument("--device", required=True, metavar="ID",
+                    help="the device's id at the hub (issued now if the hub has none)")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--need", metavar="NODE", help="node path to select a build for, e.g. en/medical")
+    g.add_argument("--model", metavar="BUILD",
+                   help="a bundle folder, or the name of one under --bundles")
+    sp.add_argument("--to", required=True, metavar="TARGET",
+                    help="serial:///dev/X[?baud=N], ssh://[user@]host[:port]/path or dir:/path")
+    sp.add_argument("--home", default=os.environ.get("EDGELLM_HUB_HOME", "hub"), metavar="DIR",
+                    help="the hub home folder (default $EDGELLM_HUB_HOME, else ./hub)")
+    sp.add_argument("--bundles", default=None, metavar="DIR",
+                    help="folder of bundle folders (default: $EDGELLM_BUNDLES, else ./bundles)")
+    sp.add_argument("--context", type=int, default=None,
+                    help="context length the device must hold (default 2048, or the builds' "
+                         "longest seq_len when shorter)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = sp.add_argument_group("ssh targets")
+    g.add_argument("--known-hosts", default="~/.ssh/known_hosts", metavar="FILE",
+                   help="the only known_hosts file trusted (default ~/.ssh/known_hosts)")
+    g.add_argument("--ssh-key", default=None, metavar="FILE",
+                   help="private key to log in with (default: ssh's own, or ssh-agent)")
+    g.add_argument("--remote-python", default="python3", metavar="CMD",
+                   help="the device's python with edgellm installed (default python3)")
+    g.add_argument("--agent", choices=("enable", "systemctl", "none"), default="enable",
+                   help="enable: install and enable edgellm-agent.service (default); systemctl: "
+                        "also start it now; none: leave the unit alone")
+    g.add_argument("--sysroot", default="/", metavar="DIR",
+                   help="the device's root file system (default /): files go to SYSROOT/PATH")
+    g.add_argument("--connect-timeout", type=int, default=10, metavar="S",
+                   help="seconds to wait for the SSH connection (default 10)")
+    g.add_argument("--force", action="store_true",
+                   help="copy and install even when the device has this package already")
+
+    sp = add("receive", cmd_receive,
+             "on the device: receive a flash package (serial cable, or a copied archive) and install it",
+             "examples:\n"
+             "  edgellm receive --serial /dev/ttyGS0 --root /var/lib/edgellm   # Pi 5 USB gadget\n"
+             "  edgellm receive --serial /dev/ttyAMA0 --baud 921600 --root /var/lib/edgellm\n"
+             "  edgellm receive --file /tmp/d-1.elpkg --root /var/lib/edgellm  # what ssh:// runs\n"
+             "--serial waits for `edgellm flash --to serial://PORT` on the host. The link is framed\n"
+             "(COBS, CRC32 per frame), windowed and acknowledged, so damaged or lost frames are sent\n"
+             "again; a cut transfer resumes where the device's durable offset says (the partial\n"
+             "archive waits in ROOT/.incoming/), and the whole archive must match the sender's\n"
+             "sha256 or it is refused. Then every file is checked against flash.json before\n"
+             "anything is written, and the model goes in through the update apply path: on any\n"
+             "failure the device keeps the model and identity it had. See docs/flash.md,\n"
+             "\"Serial protocol\".")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--serial", metavar="DEV", help="serial port to receive on, e.g. /dev/ttyGS0")
+    g.add_argument("--file", metavar="ARCHIVE", help="a flash package archive (.elpkg) to install")
+    sp.add_argument("--root", required=True, metavar="ROOT",
+                    help="the device root (device.toml, identity, models/), e.g. /var/lib/edgellm")
+    sp.add_argument("--baud", type=int, default=921600,
+                    help="line rate; the same as the sender's (default 921600; a USB gadget "
+                         "port ignores it)")
+    sp.add_argument("--timeout", type=float, default=None, metavar="S",
+                    help="give up after S seconds without a frame from the sender (default: wait)")
     return p
 
 

@@ -99,9 +99,73 @@ class UpdateError(EdgeLLMError, RuntimeError):
     """An update could not be staged, installed or committed; the previous model stays active."""
 
 
+class UpdateRefusedError(UpdateError):
+    """A signed target does not fit this device (board, device, node, release, base): refused."""
+
+    def __init__(self, reason: str, detail: str, *, attack: bool) -> None:
+        super().__init__(detail)
+        self.reason, self.detail, self.attack = reason, detail, attack
+
+
 class DeviceConfigError(EdgeLLMError, ValueError):
     """A device.toml is missing, unreadable or has a bad field (names the file and the field)."""
 
 
 class TufRepoError(EdgeLLMError, RuntimeError):
     """The hub's TUF repository is missing, already initialised or lacks a role's keys."""
+
+
+class FlashError(EdgeLLMError, RuntimeError):
+    """`edgellm flash` could not deliver or install a package; the device keeps what it had."""
+
+
+class FlashPackageError(FlashError, ValueError):
+    """A flash package or archive is malformed, unsafe, over its caps or fails verification."""
+
+
+class FlashTargetError(FlashError, FileNotFoundError):
+    """A flash target (URI, folder, serial port, remote path) is malformed or does not exist."""
+
+
+class FlashConnectError(FlashError, ConnectionError):
+    """A flash target host cannot be reached, or refused the login (names host and port)."""
+
+
+class FlashHostKeyError(FlashConnectError):
+    """The SSH host key differs from the one in known_hosts (or is missing there): refused."""
+
+
+class FlashPortBusyError(FlashError, BlockingIOError):
+    """A serial port is held by another process (names the port)."""
+
+
+class FlashRemoteError(FlashError):
+    """A command on the flash target failed (remote verify, receive, enabling the agent)."""
+
+
+class FlashDiskFullError(FlashError, DiskFullError):
+    """The flash target has too little free space; checked before anything is written."""
+
+
+class SerialLinkError(FlashError, ConnectionError):
+    """A serial flash link failed (port error, cable pulled, peer silent); a retry resumes."""
+
+
+class ImageRejectedError(FlashPackageError):
+    """A received image's sha256 differs from the one its sender announced: refused, removed."""
+
+
+class ReleaseError(EdgeLLMError, ValueError):
+    """A release cannot be published: unknown node, version or board, no build, a bad bundle."""
+
+
+class RolloutError(EdgeLLMError, LookupError):
+    """An unknown rollout id, or a rollout in a state that does not allow the action."""
+
+
+class TFLiteDelegateError(EdgeLLMError, FileNotFoundError):
+    """A TFLite delegate library the board profile (or caller) names is not installed here."""
+
+
+class TFLiteRuntimeError(EdgeLLMError, RuntimeError):
+    """No usable TFLite interpreter, or one known to fail or give wrong results for this model."""

@@ -260,8 +260,8 @@ def test_board_rules_refuse_clearly(tmp_path: Path, held_out: Path) -> None:
     zero = load_board("rpi-zero-2w")  # allows q8_0, q4_0_mixed, q4_0
     with pytest.raises(edgellm.InvalidArgumentError, match="allowed: q8_0, q4_0_mixed, q4_0"):
         build(STORIES, zero, type="f16", out=tmp_path, log=None)
-    with pytest.raises(edgellm.UnsupportedError, match="tflite"):
-        build(STORIES, "coral-dev-board", type="q8_0", out=tmp_path, log=None)
+    with pytest.raises(edgellm.InvalidArgumentError, match="allowed: q8_0"):  # tflite: tests/test_tflite.py
+        build(STORIES, "coral-dev-board", type="f16", out=tmp_path, log=None)
     with pytest.raises(edgellm.InvalidArgumentError, match="version"):
         build(STORIES, zero, type="q4_0", version=0, out=tmp_path, log=None)
     with pytest.raises(edgellm.InvalidArgumentError, match="node path"):
@@ -341,7 +341,7 @@ def test_cli_build_and_errors(tmp_path: Path, held_out: Path,
     b = list_bundles(tmp_path)[0].verify()
     assert (b.node, b.version, b.lineage.parent_version, b.recipe) == ("en/x", 2, 1, "f16")
     assert str(b.folder) in out and f"{b.scores['botchan'].ppl:.4f}" in out
-    for args, words in ((["--board", "coral-dev-board"], "tflite"),
+    for args, words in ((["--board", "coral-dev-board", "--type", "q4_0"], "allowed: q8_0"),
                         (["--board", "rpi-zero-2w", "--type", "f16"], "allowed: q8_0"),
                         (["--board", "rpi55"], "rpi5")):
         rc = main(["build", str(STORIES), "--out", str(tmp_path / "err"), *args])

@@ -20,7 +20,7 @@ from edgellm.fleet.tuf_client import PROVISIONED_ROOT, download, refresh, truste
 from edgellm.fleet.tuf_mqtt import TARGETS_URL, MqttFetcher, TufResponder
 from edgellm.fleet.tuf_repo import TufRepo
 
-CUSTOM = {"node": "en/medical", "version": 2, "release": 7, "board": "rpi5", "kind": "full"}
+CUSTOM = {"node": "en/medical", "version": 2, "release": 7, "board": "rpi5", "kind": "model"}
 
 
 class Env:

@@ -9,10 +9,12 @@
     ...                                         # agent.report() runs every report_interval_s
     agent.stop()                                # death certificate, clean disconnect
 
-Public API: ``Agent(cfg, *, adapter=None)`` with ``start()``, ``stop()``, ``run(once=False)``,
-``report()`` (take usage into the queue, then drain), ``drain(timeout)``, ``offer_example(text,
-rating=None)``, ``wait_connected(timeout)``, and the attributes ``usage`` (UsageRecorder),
-``queue`` (ReportQueue), ``bd_seq``, ``stats`` (counters).
+Public API: ``Agent(cfg, *, adapter=None, updater=None)`` with ``start()``, ``stop()``,
+``run(once=False)``, ``tick()`` (one turn of the update loop), ``report()`` (take usage into
+the queue, then drain), ``drain(timeout)``, ``offer_example(text, rating=None)``,
+``wait_connected(timeout)``, ``model_path()``, and the attributes ``usage`` (UsageRecorder),
+``queue`` (ReportQueue), ``bd_seq``, ``stats`` (counters), ``updater`` (Updater or None),
+``updates`` (DeviceUpdates or None).
 
 What it does (docs/fleet.md, "The device agent"):
 
@@ -31,6 +33,12 @@ What it does (docs/fleet.md, "The device agent"):
 - clean_start=False with a Session Expiry Interval; reconnects back off from 1 s to 60 s.
 - ``example`` messages (opt-in ``share_examples``) carry text redacted by privacy.redact and
   a random delete_tag.
+- Updates (issue 6): when ``[model] models_dir`` holds a model, an ``Updater`` on it is booted
+  at start (crash recovery, boot-loop guard) and the birth names its active model (node,
+  version, adapter) plus ``attack``; when the TUF root (``[update] tuf_root``) is there too,
+  ``offer`` commands go to a ``DeviceUpdates`` (fleet/device_updates.py), driven by ``tick()``
+  every ``tick_s`` in ``run()``, which also pings systemd's watchdog (``WATCHDOG=1``;
+  ``READY=1`` after each CONNACK: edgellm._sdnotify).
 
 .. versionadded:: 0.1
 """
@@ -51,11 +59,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .. import __version__
-from ..errors import BrokerConnectError
+from .._sdnotify import notify
+from ..errors import BrokerConnectError, UpdateError
 from . import protocol
 from .device_config import DeviceConfig
+from .device_updates import DeviceUpdates
 from .privacy import redact
 from .queue import ReportQueue
+from .updater import UpdatePolicy, Updater
 from .usage import UsageRecorder
 
 __all__ = ["Agent"]
@@ -71,10 +82,13 @@ class Agent:
     """One device's fleet agent (see the module docstring)."""
 
     def __init__(self, cfg: DeviceConfig, *, adapter: str | None = None,
-                 keepalive: int = 30, reconnect_max_s: int = 60) -> None:
+                 keepalive: int = 30, reconnect_max_s: int = 60,
+                 updater: Updater | None = None, tick_s: float = 1.0,
+                 fetch_timeout: float = 10.0) -> None:
         self.cfg = cfg
         self.adapter = adapter
         self.keepalive = keepalive
+        self.tick_s = tick_s
         self.usage = UsageRecorder()
         self.queue = ReportQueue(cfg.state_dir, cfg.queue_max_bytes)
         self.stats: dict[str, int] = {"births": 0, "reports": 0, "acked": 0, "oversized": 0,
@@ -89,6 +103,37 @@ class Agent:
         self._started = False
         self.bd_seq = self.queue.next_bd_seq()
         self._client = self._make_client(reconnect_max_s)
+        self.updater = updater if updater is not None else self._make_updater()
+        if self.updater is not None and self.updater.active is None:
+            self.updater.boot()
+        self.updates: DeviceUpdates | None = None
+        if self.updater is not None and cfg.tuf_root is not None and cfg.tuf_root.is_file():
+            self.updates = DeviceUpdates(cfg, self._client, cfg.device_id, updater=self.updater,
+                                         fetch_timeout=fetch_timeout,
+                                         on_change=self._rebirth)
+
+    # -- the model store ------------------------------------------------------------------------
+    def _make_updater(self) -> Updater | None:
+        """An Updater on models_dir, booted, when the store holds a model; else None."""
+        root = self.cfg.models_dir
+        if root is None or not (root / "bundles").is_dir() or not any(
+                (root / "bundles").iterdir()):
+            return None
+        policy = UpdatePolicy.from_config(self.cfg.window or None, idle_s=self.cfg.idle_s,
+                                          utc_offset_s=time.localtime().tm_gmtoff)
+        u = Updater(root, policy=policy)
+        try:
+            u.boot()
+        except UpdateError as exc:
+            log.error("no verified model in %s (%s): updates are off", root, exc)
+            return None
+        return u
+
+    def model_path(self) -> Any:
+        """The model to serve: the store's active model.gguf, else [model] path (or None)."""
+        if self.updater is not None:
+            return self.updater.model_path()
+        return self.cfg.model_path
 
     # -- the MQTT client ------------------------------------------------------------------------
     def _make_client(self, reconnect_max_s: int) -> mqtt.Client:
@@ -117,11 +162,16 @@ class Agent:
         c.will_set(self._topic("state"), death, qos=1, retain=True)
 
     def _birth(self) -> bytes:
+        node, version, adapter = self.cfg.node or "none", self.cfg.version, self.adapter
+        active = self.updater.active if self.updater is not None else None
+        if active is not None:
+            node, version = active.node, active.version
+            adapter = active.adapter_sha256 or self.adapter
         return protocol.encode({
             "type": "birth", "device": self.cfg.device_id, "bdSeq": self.bd_seq,
             "hour": protocol.current_hour(), "board": self.cfg.board,
-            "node": self.cfg.node or "none", "version": self.cfg.version,
-            "adapter": self.adapter, "runtime": __version__})
+            "node": node, "version": version, "adapter": adapter, "runtime": __version__,
+            "attack": self.updates.attack if self.updates is not None else False})
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     props: Any = None) -> None:
@@ -135,6 +185,7 @@ class Agent:
         self._publish_birth()
         # what was in flight stays pinned: paho resends it on this connection (same mids)
         self._connected.set()
+        notify("READY=1")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        props: Any = None) -> None:
@@ -152,6 +203,12 @@ class Agent:
         if info.rc == mqtt.MQTT_ERR_SUCCESS:
             self._track(info, None)
         self.stats["births"] += 1
+
+    def _rebirth(self) -> None:
+        """A new birth when what it says changed (the model, the attack flag): if connected;
+        otherwise the next CONNACK publishes it anyway."""
+        if self._connected.is_set():
+            self._publish_birth()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     props: Any = None) -> None:
@@ -199,6 +256,12 @@ class Agent:
         if cmd["type"] == "rebirth":
             log.info("rebirth requested")
             self._publish_birth()
+        elif cmd["type"] == "offer":
+            if self.updates is None:
+                raise protocol.ProtocolError("an offer, but updates are off on this device "
+                                             "(no model store or no TUF root)")
+            log.info("offer of rollout %s: %s", cmd["rollout"], sorted(cmd["targets"].values()))
+            self.updates.offer(cmd)
         else:
             raise protocol.ProtocolError(f"unknown command {cmd['type']!r}")
 
@@ -249,17 +312,37 @@ class Agent:
         self._started = False
         self.queue.close()
 
+    def tick(self) -> dict[str, Any] | None:
+        """One turn of the update loop: the pending offer, the Updater's poll, its reports;
+        then a watchdog ping. Returns the Updater's report of this turn, if any."""
+        report = None
+        if self.updates is not None:
+            try:
+                report = self.updates.step()
+            except Exception:  # an update bug must not stop the agent (or its reports)
+                log.exception("update step failed")
+        elif self.updater is not None:
+            report = self.updater.poll()
+        notify("WATCHDOG=1")
+        return report
+
     def run(self, once: bool = False) -> None:
-        """Report every report_interval_s until interrupted (once: one report, then stop)."""
+        """Tick every tick_s and report every report_interval_s until interrupted (once: one
+        tick and one report, then stop)."""
         self.start()
         try:
             if once:
                 self.wait_connected(30)
+                self.tick()
                 self.report(timeout=30)
                 return
             next_at = time.monotonic() + self.cfg.report_interval_s
             while True:
-                time.sleep(max(0.0, next_at - time.monotonic()))
+                self.tick()
+                wait = next_at - time.monotonic()
+                if wait > 0:
+                    time.sleep(min(wait, self.tick_s))
+                    continue
                 next_at += self.cfg.report_interval_s * random.uniform(0.95, 1.05)
                 self.report()
         finally:

@@ -11,13 +11,17 @@ Public API:
 - ``write_device_config(path, cfg)``: writes the documented format atomically; paths inside
   the file's folder are written relative to it, so a bundle can be copied as a whole.
 
-Relative paths in the file (ca, cert, key, model path, state_dir) are relative to the file's
-folder, not to the working directory. The format (docs/fleet.md, "The device agent")::
+Relative paths in the file (ca, cert, key, model path, state_dir, models_dir, tuf_root) are
+relative to the file's folder, not to the working directory. The format (docs/fleet.md, "The device agent")::
 
     [device]  id, board
     [broker]  host, port, ca, cert, key
-    [model]   path ("" = none), node, version
+    [model]   path ("" = none), node, version, models_dir (optional: "models")
     [agent]   state_dir, report_interval_s, queue_max_bytes, share_examples
+    [update]  optional: tuf_root ("provisioned-root.json"), window ("" or "02:00-04:00"),
+              idle_s (900)
+
+Files written before [update] and models_dir existed stay valid: the defaults apply.
 
 .. versionadded:: 0.1
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -44,6 +49,11 @@ __all__ = ["DeviceConfig", "load_device_config", "write_device_config"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 MIN_QUEUE_BYTES = 64 * 1024  # room for at least one report plus SQLite's own pages
+MODELS_DIR = "models"  # the SlotStore root (edgellm.fleet.slots), beside device.toml
+TUF_ROOT = "provisioned-root.json"  # the TUF trust anchor hub add-device writes
+IDLE_S = 900.0
+_HHMM = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]"
+_WINDOW = re.compile(f"{_HHMM}-{_HHMM}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,11 @@ class DeviceConfig:
     report_interval_s: float
     queue_max_bytes: int
     share_examples: bool
+    # updates (issue 6); None: the default beside device.toml (load_device_config fills them)
+    models_dir: Path | None = None
+    tuf_root: Path | None = None
+    window: str = ""  # maintenance window "HH:MM-HH:MM" (device local time), "" for none
+    idle_s: float = IDLE_S  # idle seconds that also allow a model swap
 
 
 class _Reader:
@@ -90,8 +105,15 @@ class _Reader:
             raise self.fail(section, key, "is empty")
         return value
 
-    def path_(self, section: str, key: str, *, must_exist: bool) -> Path:
-        value = self.text(section, key)
+    def has(self, section: str, key: str) -> bool:
+        sec = self.raw.get(section)
+        if sec is not None and not isinstance(sec, dict):
+            raise DeviceConfigError(f"{self.path}: [{section}] is not a section")
+        return isinstance(sec, dict) and key in sec
+
+    def path_(self, section: str, key: str, *, must_exist: bool,
+              default: str | None = None) -> Path:
+        value = self.text(section, key) if default is None or self.has(section, key) else default
         p = Path(value).expanduser()
         p = p if p.is_absolute() else self.path.parent / p
         if must_exist and not p.is_file():
@@ -139,6 +161,13 @@ def load_device_config(path: PathLike, *, check_files: bool = True) -> DeviceCon
     if qmax < MIN_QUEUE_BYTES:
         raise r.fail("agent", "queue_max_bytes", f"{qmax} < {MIN_QUEUE_BYTES} (the least useful)")
     node = r.text("model", "node", empty=True)
+    window = r.text("update", "window", empty=True).strip() if r.has("update", "window") else ""
+    if window and not _WINDOW.fullmatch(window):
+        raise r.fail("update", "window", f"{window!r} is not HH:MM-HH:MM (24 h) or empty")
+    idle_s = r.get("update", "idle_s", (int, float), "a number of seconds") \
+        if r.has("update", "idle_s") else IDLE_S
+    if not 0 <= idle_s <= 30 * 24 * 3600:
+        raise r.fail("update", "idle_s", f"{idle_s} is not in [0, 2592000]")
     return DeviceConfig(
         device_id=device_id,
         board=r.text("device", "board"),
@@ -154,6 +183,10 @@ def load_device_config(path: PathLike, *, check_files: bool = True) -> DeviceCon
         report_interval_s=float(interval),
         queue_max_bytes=qmax,
         share_examples=r.get("agent", "share_examples", (bool,), "true or false"),
+        models_dir=r.path_("model", "models_dir", must_exist=False, default=MODELS_DIR),
+        tuf_root=r.path_("update", "tuf_root", must_exist=False, default=TUF_ROOT),
+        window=window,
+        idle_s=float(idle_s),
     )
 
 
@@ -179,12 +212,18 @@ def write_device_config(path: PathLike, cfg: DeviceConfig) -> None:
         f"ca = {q(_rel(cfg.ca, base))}          # relative paths are relative to this file\n"
         f"cert = {q(_rel(cfg.cert, base))}\nkey = {q(_rel(cfg.key, base))}\n\n"
         f"[model]\npath = {q(_rel(cfg.model_path, base))}\nnode = {q(cfg.node)}\n"
-        f"version = {int(cfg.version)}\n\n"
+        f"version = {int(cfg.version)}\n"
+        f"models_dir = {q(_rel(cfg.models_dir, base) or MODELS_DIR)}"
+        f"   # the model store; the served model is its current pointer\n\n"
         f"[agent]\nstate_dir = {q(_rel(cfg.state_dir, base))}   # queue, bdSeq, seq counters\n"
         f"report_interval_s = {float(cfg.report_interval_s)!r}\n"
         f"queue_max_bytes = {int(cfg.queue_max_bytes)}\n"
         f"share_examples = {'true' if cfg.share_examples else 'false'}"
-        f"   # opt-in; text is redacted before it leaves\n")
+        f"   # opt-in; text is redacted before it leaves\n\n"
+        f"[update]\ntuf_root = {q(_rel(cfg.tuf_root, base) or TUF_ROOT)}"
+        f"   # the TUF root written at provisioning\n"
+        f"window = {q(cfg.window)}   # maintenance window \"02:00-04:00\" (local) or \"\"\n"
+        f"idle_s = {float(cfg.idle_s)!r}   # or swap after this many idle seconds\n")
     base.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".device.toml.", dir=base)
     try:

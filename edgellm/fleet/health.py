@@ -60,6 +60,19 @@ class Reason(str, enum.Enum):
     BOOT_LOOP = "boot_loop"  # the model on trial failed to start too many times (B4)
     INTERRUPTED = "interrupted"  # a power cut before the update was verified and installed
     INVALID = "invalid"  # an offer that contradicts itself (node, sha, kind)
+    # Refusals before the updater (TUF verification, target policy: fleet.device_updates)
+    BAD_SIGNATURE = "bad_signature"  # metadata under its role's threshold / by unknown keys
+    ROLLBACK = "rollback"  # metadata older than trusted (replay, rollback, mix of versions)
+    EXPIRED = "expired"  # metadata past its expiry (a freeze attack or a silent signer)
+    HASH_MISMATCH = "hash_mismatch"  # bytes whose sha256 differs from the signed one
+    LENGTH_MISMATCH = "length_mismatch"  # bytes longer / shorter than signed, over the limits
+    REPOSITORY = "repository"  # other malformed or inconsistent metadata
+    UNKNOWN_TARGET = "unknown_target"  # the offer names a target the signed metadata lacks
+    RELEASE_DOWNGRADE = "release_downgrade"  # a release counter below the installed one
+    WRONG_BOARD = "wrong_board"  # signed for another hardware id
+    WRONG_DEVICE = "wrong_device"  # signed for other device ids
+    WRONG_NODE = "wrong_node"  # signed for another model node
+    DOWNLOAD_FAILED = "download_failed"  # the hub or broker did not deliver (not tampering)
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,18 @@ class HealthSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HealthSpec:
-        return cls(**{**d, "expected": tuple(int(t) for t in d["expected"])})
+        """From to_dict(), or from its signed form (release.health_custom: TUF's canonical
+        JSON has no floats, so they come as ints or decimal strings and are cast back)."""
+        out = {**d, "expected": tuple(int(t) for t in d["expected"])}
+        for k in ("min_agreement", "max_ms_per_token", "timeout_s", "interval_s"):
+            if k in out:
+                out[k] = float(out[k])
+        for k in ("n_threads", "rounds"):
+            if k in out:
+                out[k] = int(out[k])
+        if out.get("memory_limit_bytes") is not None:
+            out["memory_limit_bytes"] = int(out["memory_limit_bytes"])
+        return cls(**out)
 
 
 @dataclass

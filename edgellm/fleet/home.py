@@ -168,7 +168,8 @@ class HubHome:
     @classmethod
     def init(cls, path: PathLike, *, host: str = "127.0.0.1", port: int = 8883,
              public_host: str | None = None, max_packet_size: int = DEFAULT_MAX_PACKET,
-             ca_days: int = 3650, server_days: int = 825, force: bool = False) -> HubHome:
+             ca_days: int = 3650, server_days: int = 825, force: bool = False,
+             tuf: bool = True, root_keys: int = 1, root_threshold: int = 1) -> HubHome:
         """Create a hub home at path (`edgellm hub init`): CAs, broker files, registry, layout.
 
         Args:
@@ -180,6 +181,11 @@ class HubHome:
             max_packet_size: the broker's MQTT Maximum Packet Size in bytes.
             ca_days, server_days: validity of the two CAs and of the broker's certificate.
             force: replace an existing home (new CAs: every device must be re-provisioned).
+            tuf: also create the TUF repository (tuf/, keys/: edgellm.fleet.tuf_repo), so
+                every provisioning bundle gets provisioned-root.json, the device's trust
+                anchor for updates.
+            root_keys, root_threshold: TUF root keys to make and how many must sign a root
+                (e.g. 3 and 2: keep them on separate offline media).
 
         Raises:
             HubHomeError: path already holds a hub home and force is false (nothing changes).
@@ -190,7 +196,7 @@ class HubHome:
             if not force:
                 raise HubHomeError(f"{home.root} already holds a hub home; use --force to replace "
                                    "it (new CAs: every device must be provisioned again)")
-            for sub in ("ca", "broker", "hub", "devices"):
+            for sub in ("ca", "broker", "hub", "devices", "tuf", "keys"):
                 shutil.rmtree(home.root / sub, ignore_errors=True)
             for f in (home.toml, home.registry_db):
                 for g in (f, Path(f"{f}-wal"), Path(f"{f}-shm")):
@@ -202,6 +208,9 @@ class HubHome:
             raise InvalidArgumentError(f"port {port} is not a TCP port")
         if max_packet_size < 1024:
             raise InvalidArgumentError(f"max_packet_size {max_packet_size} is too small (>= 1024)")
+        if not 1 <= root_threshold <= root_keys:
+            raise InvalidArgumentError(f"{root_keys} root keys, threshold {root_threshold}: use "
+                                       "1 <= threshold <= keys")
         for d in (home.issued_dir, home.broker_data, home.hub_cert.parent,
                   home.root / "devices", *(home.keys_dir / r for r in KEY_ROLES)):
             d.mkdir(parents=True, exist_ok=True)
@@ -233,6 +242,10 @@ class HubHome:
         from .broker import write_config
 
         write_config(home)
+        if tuf:
+            from .tuf_repo import TufRepo
+
+            TufRepo.init(home, keys={"root": root_keys}, thresholds={"root": root_threshold})
         return home
 
     @classmethod

@@ -9,11 +9,12 @@ Topics (``edgellm/v1/dev/<device-id>/<kind>``):
 =========== ========= ======================================================================
 kind        direction what
 =========== ========= ======================================================================
-state       up        birth (retained, QoS 1) and death (the Will, retained, QoS 1)
+state       up        birth (retained, QoS 1), death (the Will, retained, QoS 1) and
+                      update reports (QoS 1, not retained)
 usage       up        batched usage reports (QoS 1), one ``seq`` stream per device
 req         up        requests to the hub (update fetches, next issue); QoS 1
 examples    up        opt-in, redacted example text (off by default)
-cmd         down      commands from the hub (``rebirth`` ...)
+cmd         down      commands from the hub (``rebirth``, ``offer``)
 resp/...    down      responses to ``req`` (response topic + correlation data, MQTT v5)
 =========== ========= ======================================================================
 
@@ -44,9 +45,9 @@ from typing import Any, Callable
 from ..errors import EdgeLLMError
 
 __all__ = [
-    "DEVICE_KINDS_DOWN", "DEVICE_KINDS_UP", "HUB_SUBSCRIPTIONS", "MAX_MESSAGE_BYTES", "PREFIX",
-    "SCHEMA_VERSION", "ProtocolError", "check_device_id", "current_hour", "decode", "encode",
-    "parse_topic", "topic",
+    "DEVICE_KINDS_DOWN", "DEVICE_KINDS_UP", "HUB_SUBSCRIPTIONS", "MAX_DETAIL", "MAX_MESSAGE_BYTES",
+    "PREFIX", "SCHEMA_VERSION", "TARGET_NAME", "UPDATE_OUTCOMES", "ProtocolError",
+    "check_device_id", "current_hour", "decode", "encode", "parse_topic", "topic",
 ]
 
 PREFIX = "edgellm/v1"
@@ -59,6 +60,11 @@ HUB_SUBSCRIPTIONS = tuple(f"{PREFIX}/dev/+/{k}" for k in DEVICE_KINDS_UP)
 _DEVICE_ID = re.compile(r"[a-z0-9][a-z0-9-]{2,62}")
 _IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/@+-]{0,127}")  # node paths, versions, boards, enums
 _MAX_COUNT = 2**53  # exact in a JSON number / float
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,55}")  # <sha256>.<name> fits 128 chars
+UPDATE_OUTCOMES = ("committed", "rolled_back", "refused", "already_installed")
+MAX_DETAIL = 200
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_DETAIL = re.compile(r"[ -~]*")  # printable ASCII
 
 
 class ProtocolError(EdgeLLMError, ValueError):
@@ -132,6 +138,22 @@ def _obj(schema: Mapping[str, Check]) -> Check:
     return lambda x: isinstance(x, dict) and _problem(x, schema) is None
 
 
+def _bool(x: Any) -> bool:
+    return isinstance(x, bool)
+
+
+def _target(x: Any) -> bool:  # a TUF target name as tuf_repo publishes them (flat)
+    return isinstance(x, str) and TARGET_NAME.fullmatch(x) is not None
+
+
+def _reason(x: Any) -> bool:  # a health.Reason value
+    return isinstance(x, str) and _REASON.fullmatch(x) is not None
+
+
+def _detail(x: Any) -> bool:  # one short line of printable ASCII: no room for a note
+    return isinstance(x, str) and len(x) <= MAX_DETAIL and _DETAIL.fullmatch(x) is not None
+
+
 def _text(x: Any) -> bool:  # only in "example" messages, after redaction on the device
     return isinstance(x, str) and 0 < len(x) <= 16 * 1024
 
@@ -141,8 +163,11 @@ _HEADER: dict[str, Check] = {"v": lambda x: x == SCHEMA_VERSION, "type": _ident,
 
 SCHEMAS: dict[str, dict[str, Check]] = {
     # A device's birth certificate (retained on its state topic): what it runs.
+    # attack: a refusal that means tampering (update report attack=true) happened since the
+    # device's last committed update.
     "birth": {**_HEADER, "bdSeq": _int(), "hour": _int(), "board": _ident, "node": _ident,
-              "version": _int(), "adapter": _nullable(_ident), "runtime": _ident},
+              "version": _int(), "adapter": _nullable(_ident), "runtime": _ident,
+              "attack?": _bool},
     # Its death certificate: the Will the broker publishes when the connection drops, and
     # what a clean shutdown publishes. bdSeq matches the birth it ends (Sparkplug).
     "death": {**_HEADER, "bdSeq": _int()},
@@ -160,8 +185,21 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     # A device asks the hub for one chunk of a TUF object (edgellm.fleet.tuf_mqtt) on its req
     # topic, with MQTT v5 Response Topic (its resp/<one level>) and Correlation Data.
     "fetch": {**_HEADER, "path": _ident, "offset?": _int()},
+    # The outcome of one update on a device (state topic, QoS 1, NOT retained): committed,
+    # rolled back, refused (before or by the updater) or already installed. rollout is the
+    # offer's (null when none); reason a health.Reason value; detail short ASCII, never PHI.
+    "update": {"v": _HEADER["v"], "type": _ident, "device?": _device, "id": _ident, "rollout": _nullable(_int()),
+               "node": _ident, "version": _int(), "release": _int(),
+               "outcome": lambda x: x in UPDATE_OUTCOMES, "reason": _reason,
+               "detail": _detail, "attack": _bool, "hour": _int()},
     # Commands from the hub.
     "rebirth": {"v": _HEADER["v"], "type": _ident},
+    # A hint that a release waits for the device (its cmd topic, QoS 1): the names of its TUF
+    # targets. The device decides from the signed targets metadata alone, so a forged or
+    # replayed offer can at most make it refresh.
+    "offer": {"v": _HEADER["v"], "type": _ident, "rollout": _int(),
+              "targets": _obj({"manifest": _target, "model": _target, "delta?": _target,
+                               "adapter?": _target})},
 }
 
 

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: MIT
-"""The hub service: collects the fleet's births, deaths and usage reports from the broker into
-the hub's SQLite file (`edgellm hub serve`).
+"""The hub service: collects the fleet's births, deaths, usage and update reports from the
+broker into the hub's SQLite file, serves TUF metadata and targets, and sends release offers
+(`edgellm hub serve`).
 
 Usage flow:
 
@@ -21,6 +22,13 @@ Usage flow:
   REJECT_REASONS.
 - Gaps in a device's ``seq`` stream that stay unfilled for ``reorder_timeout`` seconds become
   final and the device gets a ``rebirth`` command on its ``cmd`` topic.
+- Releases (issue 6): the service answers devices' TUF ``fetch`` requests (``req`` topic,
+  MQTT v5 response topic + correlation data) from the home's TUF repository with
+  ``tuf_mqtt.TufResponder.handle`` on its own client, as soon as it dequeues them. ``update``
+  reports (state topic) are stored once per id and move rollouts on (rollout.py: waves,
+  halting); a few times a second it publishes the offers that are due (QoS 1, ``cmd``) and it
+  re-sends a device's unanswered offers when that device's birth arrives. It also re-signs
+  the TUF timestamp before it expires (release.keep_fresh).
 
 .. versionadded:: 0.1
 """
@@ -45,7 +53,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..errors import BrokerConnectError, EdgeLLMError, StateError
-from . import protocol, store
+from . import protocol, rollout, store
 from .broker import _dial
 from .protocol import ProtocolError
 
@@ -64,7 +72,7 @@ REJECT_REASONS = {
     "bad_value": "a value of the wrong type or out of range",
     "invalid": "refused by protocol.decode for another reason",
     "device_mismatch": "the payload's device is not the sender's (the topic's) id",
-    "unhandled": "a request the hub has no handler for yet",
+    "unhandled": "a request the hub has no handler for (no TUF repository in the home)",
     "internal": "storing it failed (a hub bug; the message is dropped, the service goes on)",
 }
 
@@ -104,6 +112,8 @@ class _Item:
     mid: int
     qos: int
     gen: int  # the connection it arrived on: a PUBACK only goes back on that one
+    properties: Any = None  # MQTT v5 properties (a fetch's response topic, correlation data)
+    answered: _Refused | str | None = None  # a request answered as it was dequeued
 
 
 class HubService:
@@ -120,15 +130,19 @@ class HubService:
         session_expiry: seconds the broker keeps the hub's session (subscriptions and queued
             messages) while the hub is away.
         db_path: the SQLite file (default: the home's registry.db).
-        on_request: handles messages on devices' ``req`` topics, ``(device, payload) -> None``;
-            without one they are refused as "unhandled".
+        on_request: handles messages on devices' ``req`` topics, ``(device, payload) -> None``,
+            in place of the TUF responder (tests); without either they are refused as
+            "unhandled".
+        offer_interval: seconds between looks for offers that are due (new rollouts, waves).
+        serve_tuf: answer TUF fetch requests from the home's repository (when it has one).
     """
 
     def __init__(self, home: Any, *, reorder_timeout: float = 60.0,
                  batch_interval: float = 0.1, batch_max: int = 500,
                  receive_maximum: int = 2000, session_expiry: int = 7 * 24 * 3600,
                  keepalive: int = 30, db_path: str | os.PathLike[str] | None = None,
-                 on_request: Callable[[str, bytes], None] | None = None) -> None:
+                 on_request: Callable[[str, bytes], None] | None = None,
+                 offer_interval: float = 0.2, serve_tuf: bool = True) -> None:
         if not isinstance(home, _home_class()):
             home = _home_class().open(home)
         self.home = home
@@ -140,10 +154,15 @@ class HubService:
         self.keepalive = int(keepalive)
         self.db_path = Path(db_path) if db_path is not None else Path(home.registry_db)
         self.on_request = on_request
+        self.offer_interval = float(offer_interval)
+        self.serve_tuf = serve_tuf
+        self.responder: Any = None  # tuf_mqtt.TufResponder once run() connected
         # committed messages; outcomes (stored, filled, duplicate, birth, death, stale_death,
-        # example, request, refused); batches, rebirths sent, connects
+        # example, request, update, refused); batches, rebirths and offers sent, connects
         self.stats: dict[str, int] = {"committed": 0, "stored": 0, "duplicate": 0,
-                                      "refused": 0, "batches": 0, "rebirths": 0, "connects": 0}
+                                      "refused": 0, "batches": 0, "rebirths": 0, "offers": 0,
+                                      "connects": 0}
+        self._births: set[str] = set()  # devices born in the batch being written
         self._queue: queue.Queue[_Item] = queue.Queue()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -213,6 +232,7 @@ class HubService:
             fleet = store.FleetStore(conn)
             client = self._make_client()
             self._client = client
+            self.responder = self._make_responder(client)
             client.connect_async(_dial(self.home.host), self.home.port, keepalive=self.keepalive,
                                  clean_start=False, properties=self._connect_properties())
             client.loop_start()
@@ -239,6 +259,18 @@ class HubService:
         client.on_message = self._on_message
         return client
 
+    def _make_responder(self, client: mqtt.Client) -> Any:
+        if not self.serve_tuf or self.on_request is not None:
+            return None
+        from .tuf_mqtt import TufResponder
+        from .tuf_repo import TufRepo
+
+        if not (Path(self.home.root) / "tuf" / "metadata" / "1.root.json").is_file():
+            log.warning("no TUF repository in %s: update fetch requests are refused",
+                        self.home.root)
+            return None
+        return TufResponder(TufRepo.open(self.home), client)
+
     def _connect_properties(self) -> Properties:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.session_expiry  # with clean_start=False: persistent
@@ -252,6 +284,9 @@ class HubService:
             return
         self._gen += 1
         self.stats["connects"] += 1
+        if self.responder is not None:
+            from .tuf_mqtt import set_tcp_nodelay
+            set_tcp_nodelay(client)  # request/response is latency-bound
         opts = SubscribeOptions(qos=1)
         client.subscribe([(t, opts) for t in protocol.HUB_SUBSCRIPTIONS])
         log.info("connected to %s:%s (session present: %s)", self.home.host, self.home.port,
@@ -275,20 +310,31 @@ class HubService:
         # network thread: queue only; the PUBACK waits for the COMMIT
         if log.isEnabledFor(logging.DEBUG):
             log.debug("received mid %d on %s (not yet committed)", msg.mid, msg.topic)
-        self._queue.put(_Item(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._gen))
+        self._queue.put(_Item(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._gen,
+                              msg.properties))
 
     # -- the service loop ----------------------------------------------------------------------
 
     def _serve(self, conn: sqlite3.Connection, fleet: store.FleetStore,
                client: mqtt.Client) -> None:
         next_expiry = time.time() + min(1.0, self.reorder_timeout / 4)
+        next_offers = 0.0
+        next_fresh = 0.0
         while True:
             batch = self._collect()
             if batch:
                 self._commit(conn, fleet, client, batch)
-            if time.time() >= next_expiry:
+                next_offers = 0.0  # reports may have moved a rollout on: look now
+            now = time.time()
+            if now >= next_offers:
+                self._offers(conn, client)
+                next_offers = time.time() + self.offer_interval
+            if now >= next_expiry:
                 self._expire(conn, fleet, client)
                 next_expiry = time.time() + min(1.0, self.reorder_timeout / 4)
+            if now >= next_fresh and self.responder is not None:
+                self._keep_fresh()
+                next_fresh = time.time() + 600.0
             if self._stop.is_set():
                 # commit what had arrived by now; later arrivals stay unacknowledged and the
                 # broker re-sends them to the next run
@@ -307,21 +353,42 @@ class HubService:
             first = self._queue.get(timeout=0.05)
         except queue.Empty:
             return []
-        batch = [first]
+        batch = [self._answer(first)]
         deadline = time.monotonic() + self.batch_interval
         while len(batch) < self.batch_max:
             left = deadline - time.monotonic()
             if left <= 0 or self._stop.is_set():
                 break
             try:
-                batch.append(self._queue.get(timeout=left))
+                batch.append(self._answer(self._queue.get(timeout=left)))
             except queue.Empty:
                 break
         return batch
 
+    def _answer(self, item: _Item) -> _Item:
+        """Answer a request at once (a TUF fetch waits for no batch); it is acknowledged with
+        its batch like any message."""
+        try:
+            kind = protocol.parse_topic(item.topic)[1]
+        except ProtocolError:
+            return item  # refused as bad_topic by _ingest
+        if kind != "req":
+            return item
+        if self.on_request is not None:
+            return item  # the caller's handler runs in _dispatch
+        if self.responder is None:
+            item.answered = _Refused("unhandled", "no TUF repository in this hub home")
+        elif self.responder.handle(item.topic, item.payload, item.properties):
+            item.answered = "request"
+        else:
+            item.answered = _Refused("invalid", "a fetch request the TUF responder refused "
+                                                "(schema, device, response topic or correlation)")
+        return item
+
     def _commit(self, conn: sqlite3.Connection, fleet: store.FleetStore, client: mqtt.Client,
                 batch: list[_Item]) -> None:
         now = time.time()
+        self._births.clear()
         conn.execute("BEGIN IMMEDIATE")
         try:
             for item in batch:
@@ -335,6 +402,8 @@ class HubService:
         for item in batch:  # PUBACK in arrival order, and only on the connection it came on
             if item.qos > 0 and item.gen == self._gen:
                 client.ack(item.mid, item.qos)
+        for device in sorted(self._births):  # a device (re)connected: unanswered offers again
+            self._send_offers(conn, client, rollout.resend_offers(conn, device))
 
     def _ingest(self, conn: sqlite3.Connection, fleet: store.FleetStore, item: _Item,
                 now: float) -> None:
@@ -345,7 +414,7 @@ class HubService:
                 device, kind = protocol.parse_topic(item.topic)
             except ProtocolError as exc:
                 raise _Refused("bad_topic", str(exc)) from None
-            outcome = self._dispatch(fleet, device, kind, item.payload, now)
+            outcome = self._dispatch(fleet, device, kind, item, now)
             self.stats[outcome] = self.stats.get(outcome, 0) + 1
         except _Refused as exc:
             conn.execute("ROLLBACK TO msg")
@@ -356,9 +425,14 @@ class HubService:
             self._refuse(fleet, "internal", device, f"{type(exc).__name__}: {exc}", now)
         conn.execute("RELEASE msg")
 
-    def _dispatch(self, fleet: store.FleetStore, device: str, kind: str, payload: bytes,
+    def _dispatch(self, fleet: store.FleetStore, device: str, kind: str, item: _Item,
                   now: float) -> str:
+        payload = item.payload
         if kind == "req":
+            if isinstance(item.answered, _Refused):
+                raise item.answered
+            if item.answered is not None:
+                return item.answered
             if self.on_request is None:
                 raise _Refused("unhandled", "no request handler in this hub")
             self.on_request(device, payload)
@@ -369,7 +443,7 @@ class HubService:
             msg = protocol.decode(payload, expect=_EXPECT[kind])
         except ProtocolError as exc:
             raise _Refused(classify(exc), str(exc)) from None
-        if msg["device"] != device:
+        if msg.get("device", device) != device:  # an update report may leave it out
             raise _Refused("device_mismatch",
                            f"payload device {msg['device']!r} sent by {device!r}")
         if kind == "usage":
@@ -377,7 +451,19 @@ class HubService:
         if kind == "examples":
             return fleet.example(device, msg, now)
         if msg["type"] == "birth":
+            self._births.add(device)
             return fleet.birth(device, msg, now)
+        if msg["type"] == "update":
+            rid = rollout.match(fleet.conn, device, msg)
+            outcome = fleet.update_report(device, msg, now, rid)
+            if outcome == "update":
+                what = rollout.on_report(fleet.conn, device, msg, rid, now)
+                if what == "halt":
+                    log.warning("rollout %s halted: %s", rid, rollout.status(
+                        fleet.conn, int(rid or 0))["reason"])
+                elif what:
+                    log.info("rollout %s: %s", rid, "next wave" if what == "next" else what)
+            return outcome
         if msg["type"] == "death":
             return fleet.death(device, msg, now)
         raise _Refused("wrong_type", f"type {msg['type']!r} on a state topic")
@@ -394,6 +480,35 @@ class HubService:
                 self._next_log_at[reason] = now + 60.0
             log.warning("refused a message from %s (%s, %d so far): %s", device or "?", reason,
                         n, detail[:200])
+
+    def _offers(self, conn: sqlite3.Connection, client: mqtt.Client) -> None:
+        """Move rollouts on (wave timeouts) and publish the offers that are due."""
+        now = time.time()
+        with conn:
+            for rid, what in rollout.tick(conn, now):
+                log.info("rollout %d: %s", rid, what)
+        due = rollout.due_offers(conn)
+        if due:
+            self._send_offers(conn, client, due)
+
+    def _send_offers(self, conn: sqlite3.Connection, client: mqtt.Client,
+                     offers: list[rollout.Offer]) -> None:
+        if not offers:
+            return
+        for o in offers:  # published first: a crash before the UPDATE re-sends, never loses
+            client.publish(protocol.topic(o.device, "cmd"),
+                           protocol.encode(rollout.offer_message(o)), qos=1)
+        with conn:
+            rollout.mark_offered(conn, offers, time.time())
+        self.stats["offers"] += len(offers)
+        log.info("sent %d offer(s)", len(offers))
+
+    def _keep_fresh(self) -> None:
+        from .release import keep_fresh
+        try:
+            keep_fresh(self.home)
+        except EdgeLLMError as exc:  # the next look (10 minutes) tries again
+            log.error("could not re-sign the TUF timestamp: %s", exc)
 
     def _expire(self, conn: sqlite3.Connection, fleet: store.FleetStore,
                 client: mqtt.Client) -> None:

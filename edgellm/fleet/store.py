@@ -8,7 +8,8 @@ the query functions. Everything lives in the hub's one SQLite file under the com
 Usage: ``conn = store.connect(home.registry_db)`` then
 
 - ``FleetStore(conn).usage(device, msg, now)`` / ``.birth`` / ``.death`` / ``.example`` /
-  ``.reject(reason, device, detail, now)``, inside ``with conn:`` (one transaction per batch);
+  ``.update_report`` / ``.reject(reason, device, detail, now)``, inside ``with conn:`` (one
+  transaction per batch); releases and rollouts (migration 2) are written by rollout.py;
   ``.expire_gaps(now, timeout)`` makes old gaps final and returns the devices to rebirth;
 - queries: ``devices``, ``accounting``, ``gaps``, ``rejects``, ``fleet_status``,
   ``usage_summary``, plus ``parse_since`` for ``--since 1d``.
@@ -114,6 +115,60 @@ MIGRATIONS = [
     );
     CREATE INDEX fleet_examples_tag ON fleet_examples (delete_tag);
     """,
+    # version 2: releases, rollouts in waves, the devices' update reports (issue 6;
+    # edgellm/fleet/release.py and rollout.py write them)
+    """
+    ALTER TABLE fleet_devices ADD COLUMN attack INTEGER NOT NULL DEFAULT 0;  -- the birth's flag
+    CREATE TABLE fleet_releases (
+        node TEXT NOT NULL,
+        release INTEGER NOT NULL,            -- anti-downgrade counter, strictly increasing per node
+        version INTEGER NOT NULL,
+        board TEXT NOT NULL,                 -- board id, or '*'
+        model_sha256 TEXT NOT NULL,          -- the model.gguf devices run after it
+        adapter_sha256 TEXT,
+        targets TEXT NOT NULL,               -- JSON {"manifest", "model", "delta"?, "adapter"?}
+        source TEXT NOT NULL,                -- the bundle folder it came from
+        health INTEGER NOT NULL,             -- 1: a golden-prompt HealthSpec is signed with it
+        created_at REAL NOT NULL,
+        PRIMARY KEY (node, release)
+    ) WITHOUT ROWID;
+    CREATE TABLE fleet_rollouts (
+        id INTEGER PRIMARY KEY,
+        node TEXT NOT NULL, release INTEGER NOT NULL, version INTEGER NOT NULL,
+        board TEXT NOT NULL,
+        waves TEXT NOT NULL,                 -- JSON: devices in each wave, cumulative, e.g. [2, 20]
+        halt_at REAL NOT NULL,               -- a wave's failure share above this halts it
+        wave_timeout REAL,                   -- s a wave waits for silent devices (NULL: forever)
+        state TEXT NOT NULL CHECK (state IN ('active', 'halted', 'done', 'superseded')),
+        wave INTEGER NOT NULL DEFAULT 0,     -- the wave being offered (0-based)
+        wave_started_at REAL,
+        reason TEXT,                         -- why it halted (or by whom)
+        created_at REAL NOT NULL, updated_at REAL NOT NULL,
+        FOREIGN KEY (node, release) REFERENCES fleet_releases (node, release)
+    );
+    CREATE TABLE fleet_rollout_devices (
+        rollout INTEGER NOT NULL REFERENCES fleet_rollouts (id),
+        device TEXT NOT NULL,
+        wave INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'offered', 'committed',
+                                             'already_installed', 'rolled_back', 'refused')),
+        offers INTEGER NOT NULL DEFAULT 0,   -- offers sent (re-sent on each birth until it reports)
+        offered_at REAL, reported_at REAL,
+        reason TEXT, detail TEXT, attack INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (rollout, device)
+    ) WITHOUT ROWID;
+    CREATE INDEX fleet_rollout_devices_device ON fleet_rollout_devices (device, state);
+    CREATE TABLE fleet_updates (
+        device TEXT NOT NULL,
+        id TEXT NOT NULL,                    -- the device's report id: a re-sent one is a duplicate
+        rollout INTEGER,                     -- the offer's, or the rollout it was matched to
+        node TEXT NOT NULL, version INTEGER NOT NULL, release INTEGER NOT NULL,
+        outcome TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL,
+        attack INTEGER NOT NULL, hour INTEGER NOT NULL,
+        stored_at REAL NOT NULL,
+        PRIMARY KEY (device, id)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _USAGE_COLS = ("device", "seq", "bd_seq", "hour", "periods", "board", "node", "version",
@@ -162,10 +217,34 @@ class FleetStore:
         repeat = row["online"] == 1 and row["bd_seq"] == msg["bdSeq"]  # retained replay, rebirth
         self.conn.execute(
             "UPDATE fleet_devices SET online = 1, bd_seq = ?, board = ?, node = ?, version = ?, "
-            "adapter = ?, runtime = ?, birth_hour = ?, births = births + ? WHERE device = ?",
+            "adapter = ?, runtime = ?, birth_hour = ?, births = births + ?, attack = ? "
+            "WHERE device = ?",
             (msg["bdSeq"], msg["board"], msg["node"], msg["version"], msg["adapter"],
-             msg["runtime"], msg["hour"], 0 if repeat else 1, device))
+             msg["runtime"], msg["hour"], 0 if repeat else 1, int(bool(msg.get("attack"))),
+             device))
         return "birth"
+
+    def update_report(self, device: str, msg: dict[str, Any], now: float,
+                      rollout: int | None) -> str:
+        """Store a device's update report once (by its id); "update" or "duplicate".
+
+        rollout: the rollout it belongs to (the offer's, or the one rollout.match found).
+        An attack=true report sets the device's attack flag (its next birth says the same).
+        """
+        self._touch(device, now)
+        cur = self.conn.execute(
+            "INSERT INTO fleet_updates (device, id, rollout, node, version, release, outcome, "
+            "reason, detail, attack, hour, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (device, id) DO NOTHING",
+            (device, msg["id"], rollout, msg["node"], msg["version"], msg["release"],
+             msg["outcome"], msg["reason"], msg["detail"], int(msg["attack"]), msg["hour"], now))
+        if cur.rowcount == 0:
+            return "duplicate"
+        if msg["attack"]:
+            self.conn.execute("UPDATE fleet_devices SET attack = 1 WHERE device = ?", (device,))
+        elif msg["outcome"] == "committed":
+            self.conn.execute("UPDATE fleet_devices SET attack = 0 WHERE device = ?", (device,))
+        return "update"
 
     def death(self, device: str, msg: dict[str, Any], now: float) -> str:
         """Record a death certificate; a stale one (bdSeq not the current birth's) is ignored."""

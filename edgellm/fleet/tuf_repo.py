@@ -15,6 +15,7 @@ Each role's keys are a list and its threshold is read from root, so threshold > 
 ``init(..., thresholds={"root": 2})`` makes two root keys and every root is signed by both.
 
 Public API: ``TufRepo.init(home)``, ``TufRepo.open(home)``, ``add_target(path, custom)``,
+``add_targets([(path, custom, name), ...])`` (one targets version), ``target_file(name)``,
 ``refresh_timestamp()``, ``read(name) -> bytes | None``, ``read_range(name, offset, size)``,
 ``object_path(name)``, ``rotate_root()``, ``load(role)``.
 """
@@ -25,7 +26,7 @@ import datetime as dt
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,23 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from .._fsutil import atomic_write
+from .._fsutil import atomic_write, fsync_dir
 from ..errors import InvalidArgumentError, TufRepoError
+from .protocol import TARGET_NAME
 
-__all__ = ["EXPIRY_DAYS", "ROLES", "TARGET_CUSTOM_KEYS", "TufRepo"]
+__all__ = ["EXPIRY_DAYS", "ROLES", "TARGET_CUSTOM_KEYS", "TARGET_CUSTOM_OPTIONAL", "TARGET_KINDS",
+           "TufRepo"]
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 EXPIRY_DAYS = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
-# custom fields every target carries (base_sha256 only for deltas)
+# custom fields every target carries (docs/updates.md, "Releases and rollouts")
 TARGET_CUSTOM_KEYS = ("node", "version", "release", "board", "kind")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,55}")  # flat: <sha256>.<name> fits 128 chars
+# and the ones some carry: model_sha256 (every release target: the model it runs),
+# base_sha256 (delta, adapter), adapter_sha256 (adapter), devices (only these ids),
+# health (HealthSpec.to_dict(); absent: the files-only check)
+TARGET_CUSTOM_OPTIONAL = ("model_sha256", "base_sha256", "adapter_sha256", "devices", "health")
+TARGET_KINDS = ("model", "manifest", "delta", "adapter")
+_NAME = TARGET_NAME  # flat: <sha256>.<name> fits 128 chars
 _OBJECT = re.compile(r"(metadata/(?:[0-9]{1,10}\.(?:root|targets|snapshot)|timestamp)\.json)"
                      r"|(targets/[0-9a-f]{64}\.[A-Za-z0-9][A-Za-z0-9._+-]{0,55})")
 
@@ -82,13 +90,22 @@ class TufRepo:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def init(cls, home: Any, *, thresholds: Mapping[str, int] | None = None) -> TufRepo:
+    def init(cls, home: Any, *, thresholds: Mapping[str, int] | None = None,
+             keys: Mapping[str, int] | None = None) -> TufRepo:
         """Create keys and version-1 metadata (root, targets, snapshot, timestamp).
 
-        thresholds: per-role signature thresholds (default 1); that many keys are made.
-        Raises TufRepoError if the repository exists already.
+        thresholds: per-role signature thresholds (default 1); keys: per-role key counts
+        (default: the threshold), e.g. ``keys={"root": 3}, thresholds={"root": 2}``.
+        Raises TufRepoError if the repository exists already, InvalidArgumentError for a
+        threshold below 1 or above the key count.
         """
         thresholds = dict(thresholds or {})
+        counts = dict(keys or {})
+        for role in ROLES:
+            n, k = int(thresholds.get(role, 1)), int(counts.get(role, thresholds.get(role, 1)))
+            if n < 1 or k < n:
+                raise InvalidArgumentError(f"{role}: threshold {n} with {k} keys; use "
+                                           "1 <= threshold <= keys")
         md_dir = Path(home.root) / "tuf" / "metadata"
         if md_dir.exists():
             raise TufRepoError(f"{md_dir} exists: the TUF repository was initialised before")
@@ -98,13 +115,11 @@ class TufRepo:
         signers: dict[str, list[CryptoSigner]] = {}
         for role in ROLES:
             n = int(thresholds.get(role, 1))
-            if n < 1:
-                raise InvalidArgumentError(f"threshold {n} for {role}: use >= 1")
             kdir = Path(home.keys_dir) / role
             kdir.mkdir(parents=True, exist_ok=True)
             os.chmod(kdir, 0o700)
             signers[role] = []
-            for _ in range(n):
+            for _ in range(int(counts.get(role, n))):
                 s = CryptoSigner.generate_ed25519()
                 _write_private(kdir / f"{s.public_key.keyid}.pem", s.private_bytes)
                 root.add_key(s.public_key, role)
@@ -229,32 +244,82 @@ class TufRepo:
                    name: str | None = None) -> TargetFile:
         """Publish the file at path as target name (default: its file name).
 
-        custom must hold node, version, release, board, kind (and may hold base_sha256):
-        they are signed with the target. Bumps targets, snapshot and timestamp.
+        custom must hold node, version, release, board, kind (and may hold the keys in
+        TARGET_CUSTOM_OPTIONAL): they are signed with the target. Bumps targets, snapshot and
+        timestamp.
         """
         src = Path(path)
-        name = name or src.name
-        if not _NAME.fullmatch(name):
-            raise InvalidArgumentError(f"target name {name!r}: 1-56 of A-Za-z0-9._+- (flat)")
-        missing = [k for k in TARGET_CUSTOM_KEYS if k not in custom]
-        extra = sorted(set(custom) - set(TARGET_CUSTOM_KEYS) - {"base_sha256"})
-        if missing or extra:
-            raise InvalidArgumentError(f"target custom fields: missing {missing}, unknown {extra}")
-        tf = TargetFile.from_file(name, str(src), ["sha256"])
-        tf.unrecognized_fields["custom"] = dict(custom)
-        dest = self.targets_dir / f"{tf.hashes['sha256']}.{name}"
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        return self.add_targets([(src, custom, name or src.name)])[0]
+
+    def add_targets(self, items: Sequence[tuple[str | os.PathLike[str], Mapping[str, Any],
+                                                 str]]) -> list[TargetFile]:
+        """Publish several files as (path, custom, name) in ONE new targets version.
+
+        A release's targets appear together: a device that refreshes sees all of them or
+        none. The files are copied (fsynced) under targets/ first, then targets, snapshot and
+        timestamp are signed once each.
+        """
+        out = []
+        for path, custom, name in items:
+            if not _NAME.fullmatch(name):
+                raise InvalidArgumentError(f"target name {name!r}: 1-56 of A-Za-z0-9._+- (flat)")
+            missing = [k for k in TARGET_CUSTOM_KEYS if k not in custom]
+            extra = sorted(set(custom) - set(TARGET_CUSTOM_KEYS) - set(TARGET_CUSTOM_OPTIONAL))
+            if missing or extra:
+                raise InvalidArgumentError(
+                    f"target custom fields: missing {missing}, unknown {extra}")
+            tf = TargetFile.from_file(name, str(path), ["sha256"])
+            tf.unrecognized_fields["custom"] = dict(custom)
+            dest = self.targets_dir / f"{tf.hashes['sha256']}.{name}"
+            tmp = dest.with_name(f".{dest.name}.tmp")
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            out.append(tf)
+        fsync_dir(self.targets_dir)
         targets = self.load("targets")
-        targets.signed.targets[name] = tf
+        for tf in out:
+            targets.signed.targets[tf.path] = tf
         targets.signed.version += 1
         targets.signed.expires = _expiry("targets")
         self._write(targets)
         self._publish_snapshot(targets.signed.version)
-        return tf
+        return out
+
+    def target_file(self, name: str) -> Path | None:
+        """The stored file of the newest targets' entry name (None: no such target)."""
+        tf = self.load("targets").signed.targets.get(name)
+        if tf is None:
+            return None
+        return self.targets_dir / f"{tf.hashes['sha256']}.{name}"
+
+    def refresh_expiring(self, now: dt.datetime | None = None) -> list[str]:
+        """Re-sign the online roles that expire soon: targets within 7 days, snapshot within
+        2 days, timestamp within half its life (12 h). Returns the roles re-signed.
+
+        The hub service calls this every few minutes (release.keep_fresh), so a device
+        that refreshes never sees expired metadata from a healthy hub (SECURITY A4 is about
+        the device's clock, not this). Root is offline: rotate_root renews it.
+        """
+        now = now or dt.datetime.now(dt.timezone.utc)
+        done = []
+        targets = self.load("targets")
+        if targets.signed.expires - now < dt.timedelta(days=7):
+            targets.signed.version += 1
+            targets.signed.expires = _expiry("targets", now)
+            self._write(targets)
+            self._publish_snapshot(targets.signed.version)
+            return ["targets", "snapshot", "timestamp"]
+        snap = self.load("snapshot")
+        if snap.signed.expires - now < dt.timedelta(days=2):
+            self._publish_snapshot(targets.signed.version)
+            return ["snapshot", "timestamp"]
+        ts = self.load("timestamp")
+        if ts.signed.expires - now < dt.timedelta(hours=EXPIRY_DAYS["timestamp"] * 12):
+            self.refresh_timestamp()
+            done.append("timestamp")
+        return done
 
     def rotate_root(self, *, new_keys: int = 1) -> Metadata[Any]:
         """Replace the root keys with new_keys fresh ones; the new root (version + 1) is signed

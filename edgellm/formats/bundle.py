@@ -204,6 +204,9 @@ class Bundle:
     scores: Mapping[str, EvalScore] = field(default_factory=dict)
     created_by: str = f"edgellm {__version__}"
     schema: int = SCHEMA
+    # Non-native boards only (absent for native builds): {"name": "tflite", "file": ...,
+    # "signatures": ...} as edgellm.tflite.export.TFLiteExport.manifest() writes it.
+    backend: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:
@@ -255,6 +258,8 @@ class Bundle:
         d = dataclasses.asdict(self)
         del d["folder"]
         d["scores"] = {k: dataclasses.asdict(v) for k, v in sorted(self.scores.items())}
+        if not d["backend"]:
+            del d["backend"]  # native bundles keep the manifest they always had
         plain: dict[str, Any] = json.loads(json.dumps(d))  # tuples -> lists, as JSON reads back
         return plain
 
@@ -268,7 +273,8 @@ def write_manifest(folder: str | os.PathLike[str], *, board: str, isa_features: 
                    scores: Mapping[str, EvalScore] | None = None,
                    files: Iterable[str] = (MODEL_NAME,),
                    runtime_version: str = __version__,
-                   created_by: str = f"edgellm {__version__}") -> Bundle:
+                   created_by: str = f"edgellm {__version__}",
+                   backend: Mapping[str, Any] | None = None) -> Bundle:
     """Hash the bundle's files and write bundle.json atomically (sorted keys, no timestamps).
 
     Args:
@@ -285,6 +291,7 @@ def write_manifest(folder: str | os.PathLike[str], *, board: str, isa_features: 
         scores: text name -> evaluation score.
         files: file names in folder to list (model.gguf must be one).
         runtime_version, created_by: what made it.
+        backend: a non-native board's runtime facts (tflite: file, signatures, shapes).
 
     Returns:
         The Bundle, as read_manifest would return it.
@@ -306,7 +313,8 @@ def write_manifest(folder: str | os.PathLike[str], *, board: str, isa_features: 
                     isa_features=tuple(isa_features), runtime_version=runtime_version,
                     recipe=recipe, source=source, node=node, version=version,
                     lineage=lineage or Lineage(), config=config, weights_bytes=weights_bytes,
-                    scores=dict(scores or {}), created_by=created_by)
+                    scores=dict(scores or {}), created_by=created_by,
+                    backend=dict(backend or {}))
     data = bundle.to_dict()
     checked = _from_dict(data, root)  # what we write must read back: one validator for both
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
@@ -483,7 +491,22 @@ def _from_dict(data: Any, root: Path) -> Bundle:
                   runtime_version=top.get("runtime_version", str), recipe=recipe,
                   source=source, node=node, version=top.count("version", 1), lineage=lineage,
                   config=config, weights_bytes=top.count("weights_bytes", 1), scores=scores,
-                  created_by=top.get("created_by", str), schema=schema)
+                  created_by=top.get("created_by", str), schema=schema,
+                  backend=_backend(top, path))
+
+
+def _backend(top: _Fields, path: Path) -> dict[str, Any]:
+    """The optional "backend" object: a name, and the file it runs when it names one."""
+    raw = top.get("backend", dict, optional=True)
+    if raw is None:
+        return {}
+    b = _Fields(raw, "backend", path)
+    b.get("name", str)
+    name = b.get("file", str, optional=True)
+    if name is not None and name not in {f["name"] for f in top.data.get("files", [])}:
+        raise BundleError(f"{path}: backend.file {name!r} is not listed in 'files'")
+    plain: dict[str, Any] = raw
+    return plain
 
 
 def _checked(check: Callable[[str], object], value: str, path: Path, what: str) -> None:

@@ -3,7 +3,7 @@
 
 ``build(src, "rpi5", type="auto", eval_texts=[...])``:
 
-1. loads the board profile and refuses a "tflite" board, or a recipe outside its quant_types;
+1. loads the board profile and refuses a recipe outside its quant_types;
 2. picks the recipe (``auto``: the highest-quality allowed one whose weights, KV cache at
    min(seq_len, 2048) positions, scratch and runtime -- the memory estimate `edgellm select`
    uses -- fit the board's RAM budget, in the order f16 > q8_0 > q4_0_mixed > q4_0);
@@ -11,7 +11,10 @@
 4. writes the final ``model.gguf``: the same tensor bytes, plus the node, version, lineage,
    board, recipe and scores as ``edgellm.*`` metadata (no timestamps, so the same source and
    options give a byte-identical file);
-5. writes ``bundle.json`` beside it (see edgellm.formats.bundle).
+5. for a board with the "tflite" backend, exports ``model.gguf`` to ``model.tflite``
+   (edgellm.tflite.export: prefill/decode signatures, int8 weights for q8_0) and records the
+   backend, signatures and shapes in the manifest;
+6. writes ``bundle.json`` beside it (see edgellm.formats.bundle).
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class BoardLike(Protocol):
     def ram_budget_bytes(self) -> int: ...
     @property
     def cores(self) -> int: ...
+    @property
+    def tflite_delegate(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -263,17 +268,17 @@ def build(src: str | Path, board: str | BoardLike, *, type: str = "auto",
         The BuildResult.
 
     Raises:
-        UnsupportedError: a board with the "tflite" backend (or another non-native one).
+        UnsupportedError: a board with a backend edgellm does not build for.
+        MissingToolError: a tflite board without the ``tflite`` extra installed.
         InvalidArgumentError: a recipe the board does not allow, nothing fits (auto), bad
             node/version/parent, unreadable eval text.
         ModelFormatError, PickleRefusedError: from the source readers.
     """
     prof = load_board(board)
-    if prof.backend != "native":
-        hint = " (TFLite builds are a later issue)" if prof.backend == "tflite" else ""
+    if prof.backend not in ("native", "tflite"):
         raise UnsupportedError(
             f"board {prof.name} uses the {prof.backend!r} backend, which edgellm build does not "
-            f"produce yet{hint}; build for a board with the native backend")
+            "produce; build for a board with the native or tflite backend")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise InvalidArgumentError(f"version must be an integer >= 1, got {version!r}")
     lineage = Lineage(*parse_parent(parent)) if parent is not None else Lineage()
@@ -313,11 +318,20 @@ def build(src: str | Path, board: str | BoardLike, *, type: str = "auto",
             scores = {tname: score for tname, (_, score) in results.items()}
             keys = _build_keys(node, version, lineage, prof, recipe, scores)
             weights, n_params = _rewrite_with_keys(first, folder / MODEL_NAME, keys)
+        files, backend = [MODEL_NAME], None
+        if prof.backend == "tflite":
+            from ..tflite.export import export_for_recipe  # torch + litert-torch: hub side only
+
+            say(f"exporting to .tflite for {prof.name} (delegate {prof.tflite_delegate})")
+            exp = export_for_recipe(folder / MODEL_NAME, folder, recipe.name)
+            files.append(exp.path.name)
+            backend = exp.manifest()
         bundle = write_manifest(folder, board=prof.name, isa_features=prof.isa_features,
                                 recipe=recipe.name, source=source.info, node=node,
                                 config=_summary(source.config, n_params),
                                 weights_bytes=weights, version=version, lineage=lineage,
-                                scores=scores, created_by=f"edgellm {__version__} build")
+                                scores=scores, created_by=f"edgellm {__version__} build",
+                                files=files, backend=backend)
     except BaseException:
         if created and not any(folder.iterdir()):
             folder.rmdir()  # leave no empty bundle folder behind a failed build

@@ -16,7 +16,7 @@ The rules (docs/selection.md):
    "en/medical", "en", "master").
 2. A build runs on a board when the board has every ISA feature the build requires (so an
    rpi5 build that needs dotprod is refused on an rpi4, while a build needing only neon runs on
-   both), the board's backend is the native runtime (bundles are GGUF files), and the board
+   both), the board's backend is the build's (native GGUF, or a tflite bundle), and the board
    allows the build's quant recipe. Builds made for another board are offered when they run.
 3. It fits when the context asked for is within the model's seq_len and the estimated memory
    at that context (weights + full KV cache + scratch + runtime) is within the board's RAM
@@ -85,9 +85,10 @@ def run_reasons(bundle: Any, board: Any, host_features: Iterable[str] | None = N
     """Why a build cannot run on a board at all (empty when it can): ISA, backend, recipe."""
     reasons = []
     backend = getattr(board, "backend", NATIVE_BACKEND)
-    if backend != NATIVE_BACKEND:
-        reasons.append(f"{board.name} runs the {backend} backend; this build is GGUF for the "
-                       f"{NATIVE_BACKEND} runtime")
+    built = (getattr(bundle, "backend", None) or {}).get("name", NATIVE_BACKEND)  # tflite bundles
+    if backend != built:
+        reasons.append(f"{board.name} runs the {backend} backend; this build is "
+                       f"{'GGUF' if built == NATIVE_BACKEND else built} for the {built} runtime")
     have = set(board.isa_features)
     missing = [f for f in bundle.isa_features if f not in have]
     if missing:

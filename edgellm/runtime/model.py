@@ -69,7 +69,17 @@ class Model:
     - ``m.close()`` (or ``with Model(...) as m:``) releases the C objects and the mapping.
 
     A Model may be shared by sessions, but each Session is single-threaded.
+
+    A ``.tflite`` file or a bundle folder holding ``model.tflite`` gives an
+    edgellm.tflite.runtime.TFLiteModel (same API; needs the ``tflite`` extra).
     """
+
+    def __new__(cls, path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Model:
+        if cls is Model and _is_tflite(path):
+            from ..tflite.runtime import TFLiteModel  # imported only for a .tflite model
+
+            return super().__new__(TFLiteModel)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -545,6 +555,18 @@ class _Attached:
             self.c = None
         self.buffers.clear()
         self.file.close()
+
+
+def _is_tflite(path: str | os.PathLike[str]) -> bool:
+    """Whether path is a .tflite flatbuffer ("TFL3" at byte 4) or a folder holding model.tflite."""
+    p = Path(path)
+    if p.is_dir():
+        return (p / "model.tflite").is_file()
+    try:
+        with open(p, "rb") as f:
+            return f.read(8)[4:8] == b"TFL3"
+    except OSError:
+        return False  # the GGUF reader reports it
 
 
 def _overlap(text: str, stop: str) -> int:

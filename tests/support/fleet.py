@@ -47,9 +47,13 @@ def free_port() -> int:
 
 
 def make_home(tmp_path: Path, n_devices: int = 0, port: int | None = None,
-              board: str = "rpi5") -> HubHome:
-    """`hub init` in tmp_path/hub on a free loopback port, plus devices dev-000, dev-001, ..."""
-    home = HubHome.init(tmp_path / "hub", host="127.0.0.1", port=port or free_port())
+              board: str = "rpi5", tuf: bool = False) -> HubHome:
+    """`hub init` in tmp_path/hub on a free loopback port, plus devices dev-000, dev-001, ...
+
+    tuf: also create the TUF repository (as `hub init` does); off by default so a test can
+    call TufRepo.init itself with the keys it needs.
+    """
+    home = HubHome.init(tmp_path / "hub", host="127.0.0.1", port=port or free_port(), tuf=tuf)
     for i in range(n_devices):
         home.add_device(f"dev-{i:03d}", board=board, node="en/medical")
     return home

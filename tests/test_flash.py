@@ -1,0 +1,305 @@
+# SPDX-License-Identifier: MIT
+"""The flash package: make, pack (deterministic), unpack (safe), install (verified, atomic)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from support.fleet import make_home
+
+from edgellm.errors import FlashPackageError
+from edgellm.flash.package import (
+    install_package,
+    installed_info,
+    make_package,
+    pack,
+    read_package,
+    unpack,
+    verify_package,
+)
+from edgellm.flash.progress import Progress
+from edgellm.fleet.device_config import load_device_config
+from edgellm.fleet.slots import SlotStore
+from edgellm.formats.bundle import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = ROOT / "edgellm" / "demo" / "bundles"
+B1 = BUNDLES / "en-medical-cardiology-rpi5-q4_0_mixed"
+B2 = BUNDLES / "en-medical-cardiology-rpi5-q8_0"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def ident(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hub home with one device (dev-001, board rpi5, no node yet): its identity folder."""
+    home = make_home(tmp_path_factory.mktemp("hub"))
+    return home.add_device("dev-001", board="rpi5")
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under root with (size, mtime_ns, inode): any write shows up."""
+    out = {}
+    for p in sorted(root.rglob("*")) if root.exists() else []:
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return out
+
+
+def test_make_pack_unpack_install_and_again_noop(tmp_path: Path, ident: Path) -> None:
+    pkg = make_package(tmp_path / "pkg", bundle_dir=B1, identity_dir=ident, board="rpi5")
+    info = verify_package(pkg)
+    b = read_manifest(B1)
+    assert (info.device_id, info.board, info.node, info.version) == (
+        "dev-001", "rpi5", "en/medical/cardiology", 1)
+    assert info.model_sha256 == b.file("model.gguf").sha256
+    tuf = {"identity/provisioned-root.json"} if (ident / "provisioned-root.json").is_file() \
+        else set()
+    assert set(info.files) == {"bundle/model.gguf", "bundle/bundle.json", "identity/device.toml",
+                               "identity/device.crt", "identity/device.key",
+                               "identity/server-ca.crt", *tuf}
+    cfg = load_device_config(pkg / "identity" / "device.toml")  # rewritten for this build
+    assert (cfg.node, cfg.version, cfg.board) == ("en/medical/cardiology", 1, "rpi5")
+    assert cfg.state_dir == (pkg / "identity" / "state").absolute()
+
+    a1, a2 = pack(pkg, tmp_path / "a.elpkg"), pack(pkg, tmp_path / "b.elpkg")
+    assert a1.read_bytes() == a2.read_bytes()  # deterministic
+    with tarfile.open(a1) as tf:
+        members = tf.getmembers()
+    assert members[0].name == "flash.json" and all(m.isreg() and m.mtime == 0 for m in members)
+
+    un = unpack(a1, tmp_path / "un")
+    assert verify_package(un).digest == info.digest
+
+    dev = tmp_path / "device"
+    active = install_package(un, dev)
+    assert (active.model_sha256, active.node, active.version) == (
+        info.model_sha256, "en/medical/cardiology", 1)
+    assert SlotStore(dev / "models").resolve() == (active, "current")
+    cfg = load_device_config(dev / "device.toml")
+    assert cfg.device_id == "dev-001" and cfg.state_dir == dev / "state"
+    assert (dev / "device.key").stat().st_mode & 0o777 == 0o600
+    assert (dev / "device.key").read_bytes() == (ident / "device.key").read_bytes()
+    assert installed_info(dev) == info
+
+    before = snapshot(dev)
+    assert install_package(un, dev) == active  # the same package again: nothing written
+    assert snapshot(dev) == before
+
+
+def test_second_build_goes_through_the_updater(tmp_path: Path, ident: Path) -> None:
+    dev = tmp_path / "device"
+    install_package(make_package(tmp_path / "p1", bundle_dir=B1, identity_dir=ident,
+                                 board="rpi5"), dev)
+    p2 = make_package(tmp_path / "p2", bundle_dir=B2, identity_dir=ident, board="rpi5")
+    a2 = install_package(p2, dev)
+    store = SlotStore(dev / "models")
+    assert a2.model_sha256 == read_manifest(B2).file("model.gguf").sha256
+    assert store.read_pointer("current") == a2 == store.read_pointer("last_good")
+    assert store.reports() == []  # a flash is not a rollout: nothing queued for the hub
+    assert [p.name for p in store.bundles.iterdir()] == [a2.model_sha256]  # old one collected
+    assert store.read_json("journal")["state"] == "idle"
+    assert installed_info(dev) == read_package(p2)
+
+
+def test_tampered_package_refused_before_any_write(tmp_path: Path, ident: Path) -> None:
+    dev = tmp_path / "device"
+    install_package(make_package(tmp_path / "p1", bundle_dir=B1, identity_dir=ident,
+                                 board="rpi5"), dev)
+    before = snapshot(dev)
+    p2 = make_package(tmp_path / "p2", bundle_dir=B2, identity_dir=ident, board="rpi5")
+    model = p2 / "bundle" / "model.gguf"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    with pytest.raises(FlashPackageError, match="sha256 differs"):
+        install_package(p2, dev)
+    assert snapshot(dev) == before
+    # pack refuses a package whose file no longer has its listed size
+    model.write_bytes(bytes(data[:-1]))
+    with pytest.raises(FlashPackageError, match="bytes as flash.json says"):
+        pack(p2, tmp_path / "x.elpkg")
+    assert not (tmp_path / "x.elpkg").exists() and not (tmp_path / ".x.elpkg.tmp").exists()
+
+
+def test_make_package_refuses_bad_inputs(tmp_path: Path, ident: Path) -> None:
+    with pytest.raises(FlashPackageError, match="not a bundle"):
+        make_package(tmp_path / "p", bundle_dir=tmp_path, identity_dir=ident, board="rpi5")
+    with pytest.raises(FlashPackageError, match="identity"):
+        make_package(tmp_path / "p", bundle_dir=B1, identity_dir=tmp_path / "none", board="rpi5")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FlashPackageError, match="not an empty folder"):
+        make_package(tmp_path / "full", bundle_dir=B1, identity_dir=ident, board="rpi5")
+    assert not (tmp_path / "p").exists()
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in members:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _reg(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    return ti, data
+
+
+@pytest.mark.parametrize("case", ["symlink", "dotdot", "absolute", "folder", "not_first",
+                                  "unlisted", "size", "altered", "truncated", "duplicate",
+                                  "missing", "not_tar", "huge_pax"])
+def test_unpack_refuses_unsafe_archives(tmp_path: Path, ident: Path, case: str) -> None:
+    pkg = make_package(tmp_path / "pkg", bundle_dir=B1, identity_dir=ident, board="rpi5")
+    fj = (pkg / "flash.json").read_bytes()
+    good = [(n, (pkg / n).read_bytes()) for n in sorted(read_package(pkg).files)]
+    members = [_reg("flash.json", fj)] + [_reg(n, d) for n, d in good]
+    if case == "symlink":
+        ti = tarfile.TarInfo("identity/device.crt")
+        ti.type, ti.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        members[1] = (ti, None)
+    elif case == "dotdot":
+        members.append(_reg("bundle/../../evil", b"x"))
+    elif case == "absolute":
+        members.append(_reg("/tmp/evil", b"x"))
+    elif case == "folder":
+        ti = tarfile.TarInfo("bundle")
+        ti.type = tarfile.DIRTYPE
+        members.insert(1, (ti, None))
+    elif case == "not_first":
+        members = members[1:] + members[:1]
+    elif case == "unlisted":
+        members.append(_reg("bundle/extra.bin", b"x"))
+    elif case == "size":
+        members[2] = _reg(members[2][0].name, (members[2][1] or b"") + b"\0")
+    elif case == "altered":
+        d = bytearray(members[2][1] or b"")
+        d[-1] ^= 0xFF
+        members[2] = _reg(members[2][0].name, bytes(d))
+    elif case == "duplicate":
+        members.append(members[1])
+    elif case == "missing":
+        members = members[:-1]
+    arch = tmp_path / "bad.elpkg"
+    if case == "huge_pax":  # a pax header claiming 1 GiB: refused before tarfile reads it
+        hdr = tarfile.TarInfo("././@PaxHeader")
+        hdr.type, hdr.size = tarfile.XHDTYPE, 1 << 30
+        arch.write_bytes(hdr.tobuf(tarfile.USTAR_FORMAT) + b"30 path=flash.json\n")
+    elif case == "not_tar":
+        arch.write_bytes(b"this is not a tar archive" * 40)
+    else:
+        _tar(arch, members)
+    if case == "truncated":
+        data = arch.read_bytes()
+        arch.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FlashPackageError,
+                       match="extended tar header" if case == "huge_pax" else None):
+        unpack(arch, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not Path("/tmp/evil").exists()
+
+
+def test_unpack_and_install_full_disk(tmp_path: Path, ident: Path) -> None:
+    """A 64 KiB tmpfs (private mount namespace): refused before writing, nothing left."""
+    pkg = make_package(tmp_path / "pkg", bundle_dir=B1, identity_dir=ident, board="rpi5")
+    arch = pack(pkg, tmp_path / "p.elpkg")
+    small = tmp_path / "small"
+    small.mkdir()
+    code = f"""
+import os, subprocess, sys
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", {str(small)!r}], check=True)
+from edgellm.errors import FlashDiskFullError
+from edgellm.flash.package import install_package, unpack
+for fn, arg in ((unpack, {str(arch)!r}), (install_package, {str(pkg)!r})):
+    try:
+        fn(arg, {str(small / "dev")!r})
+    except FlashDiskFullError as exc:
+        print("refused:", exc)
+    else:
+        sys.exit("no error")
+    print("left:", os.listdir({str(small)!r}))
+"""
+    unshare = shutil.which("unshare")
+    assert unshare, "unshare (util-linux) is needed for the full-disk test"
+    r = subprocess.run([unshare, "--mount", "--map-root-user", sys.executable, "-c", code],
+                       capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("refused:") == 2 and "are free" in r.stdout
+    assert r.stdout.count("left: []") == 2
+
+
+def test_install_cut_mid_copy_leaves_old_model_and_identity(tmp_path: Path, ident: Path) -> None:
+    """A write limit (RLIMIT_FSIZE) below the model size: the copy fails part way."""
+    dev = tmp_path / "device"
+    install_package(make_package(tmp_path / "p1", bundle_dir=B1, identity_dir=ident,
+                                 board="rpi5"), dev)
+    (dev / "device.toml").write_text((dev / "device.toml").read_text() + "# local edit\n")
+    before = {p: (dev / p).read_bytes() for p in ("device.toml", "models/current", "flash.json")}
+    p2 = make_package(tmp_path / "p2", bundle_dir=B2, identity_dir=ident, board="rpi5")
+    code = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from edgellm.errors import FlashDiskFullError
+from edgellm.flash.package import install_package
+try:
+    install_package({str(p2)!r}, {str(dev)!r})
+except FlashDiskFullError as exc:
+    print("refused:", exc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                       timeout=60)
+    assert r.returncode == 0 and "refused:" in r.stdout, (r.stdout, r.stderr)
+    assert {p: (dev / p).read_bytes() for p in before} == before
+    assert not list(dev.glob(".*flash-new"))
+    store = SlotStore(dev / "models")
+    assert list(store.staging.iterdir()) == [] and store.reports() == []
+    assert store.resolve()[0].model_sha256 == read_manifest(B1).file("model.gguf").sha256
+    active = install_package(p2, dev)  # with room again it installs
+    assert active.model_sha256 == read_manifest(B2).file("model.gguf").sha256
+
+
+def test_progress_shows_bytes_rate_and_eta() -> None:
+    buf = io.StringIO()
+    with Progress("ssh d-1", 4_000_000, stream=buf, enabled=True) as p:
+        p(1_000_000, 4_000_000)
+        eta = p.eta()
+        assert eta is not None and eta > 0 and p.rate > 0
+        p(4_000_000, 4_000_000)
+    text = buf.getvalue()
+    assert "ssh d-1" in text and "4.00M/4.00M" in text and "B/s" in text and "<" in text
+    assert p.done == 4_000_000 and p.summary().startswith("4.0 MB in ")
+    quiet = io.StringIO()
+    with Progress("x", 10, stream=quiet) as q:  # not a terminal: no bar, still counted
+        q(10, 10)
+    assert quiet.getvalue() == "" and q.done == 10
+
+
+def test_first_install_cut_mid_copy_leaves_nothing(tmp_path: Path, ident: Path) -> None:
+    """A new device (provision path) with a write limit: no pointer, no identity, no copy."""
+    dev = tmp_path / "device"
+    pkg = make_package(tmp_path / "p", bundle_dir=B1, identity_dir=ident, board="rpi5")
+    code = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from edgellm.errors import FlashDiskFullError
+from edgellm.flash.package import install_package
+try:
+    install_package({str(pkg)!r}, {str(dev)!r})
+except FlashDiskFullError as exc:
+    print("refused:", exc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                       timeout=60)
+    assert r.returncode == 0 and "refused:" in r.stdout, (r.stdout, r.stderr)
+    left = sorted(str(p.relative_to(dev)) for p in dev.rglob("*") if p.is_file())
+    assert left == []  # only empty store folders: no model, pointer, identity or flash.json
+    assert install_package(pkg, dev).node == "en/medical/cardiology"  # with room it installs
