@@ -181,6 +181,14 @@ def test_a_missing_delegate_is_named(coral: dict[str, Path]) -> None:
         edgellm.Model(coral["stories"], delegate="libnot-a-delegate.so.1")
     with pytest.raises(FileNotFoundError):  # the builtin it also is
         edgellm.Model(coral["stories"], delegate="/nonexistent/libdelegate.so")
+    # The CLI passes no delegate: the error names the switch, which then runs it on the CPU.
+    cmd = [sys.executable, "-m", "edgellm", "run", str(coral["stories"]), "--temp", "0", "-n", "20"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "EDGELLM_TFLITE_DELEGATE=none" in r.stderr, r.stderr
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, EDGELLM_TFLITE_DELEGATE="none"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time")
 
 
 def _noop_delegate(folder: Path) -> Path:
@@ -251,6 +259,11 @@ def test_a_dynamic_range_export_is_refused_on_tflite_runtime(tmp_path: Path, f32
         assert m.generate("", max_tokens=24, temperature=0.0).startswith("Once upon a time")
     with pytest.raises(TFLiteRuntimeError, match="tflite-runtime"):
         edgellm.Model(folder, runtime="tflite_runtime")
+    alone = tmp_path / "alone"  # no model.gguf beside it: no tokenizer, no config
+    alone.mkdir()
+    (alone / "model.tflite").write_bytes(flat)
+    with pytest.raises(edgellm.ModelFormatError, match="model.gguf"):
+        edgellm.Model(alone / "model.tflite")
 
 
 # Runs inside the numpy<2 venv that .ci/setup makes for tflite-runtime 2.14 (its last release).

@@ -13,7 +13,8 @@ combinations are refused with TFLiteRuntimeError (see check_runtime and docs/tfl
 
 Delegates (``delegate=``): "board" (default) loads the library the bundle's board profile
 names (``tflite_delegate``) and raises TFLiteDelegateError when it is not installed; None
-runs on the CPU (XNNPACK); a path or library name loads that library.
+runs on the CPU (XNNPACK); a path or library name loads that library. The environment
+variable EDGELLM_TFLITE_DELEGATE ("none" or a library) replaces "board" (for the CLI).
 
 Public API: TFLiteModel, TFLiteSession, check_runtime, SUPPORTED_RUNTIMES.
 """
@@ -50,6 +51,10 @@ from . import TFLITE_NAME
 # module name -> distribution name, in the order "auto" tries them
 SUPPORTED_RUNTIMES = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}
 BOARD = "board"  # delegate=: the library the bundle's board profile names
+# Overrides delegate="board" (the default, and all the CLI can pass): "none" runs on the CPU,
+# anything else names the library.
+DELEGATE_ENV = "EDGELLM_TFLITE_DELEGATE"
+OUTPUTS = ("logits", "k_new", "v_new")  # what an edgellm export's signatures return
 _SESSION_IDS = itertools.count(1)
 
 
@@ -192,6 +197,12 @@ class TFLiteModel(Model):
                                    "'prefill' and 'decode'")
         self._sigs = {name: _Signature(self._interp.get_signature_runner(name))
                       for name in ("prefill", "decode")}
+        for name, sig in self._sigs.items():
+            outs = set(sig.runner.get_output_details())
+            if not set(OUTPUTS) <= outs:
+                raise ModelFormatError(
+                    f"{self.path}: signature {name!r} returns {sorted(outs)}, not "
+                    f"{', '.join(OUTPUTS)}: exported by another (older) edgellm; export it again")
         ins = self._sigs["prefill"].runner.get_input_details()
         self.prefill_len = int(ins["tokens"]["shape"][1])
         self.cache_shape = tuple(int(x) for x in ins["k_cache"]["shape"])  # [n_layers, n_ctx, kv_dim]
@@ -207,6 +218,9 @@ class TFLiteModel(Model):
 
     @staticmethod
     def _delegate_path(delegate: str | None, board: object) -> str | None:
+        env = os.environ.get(DELEGATE_ENV, "").strip()
+        if delegate == BOARD and env:
+            delegate = None if env.lower() == "none" else env
         if delegate is None:
             return None
         from ..boards import find_library, load_board
@@ -227,7 +241,7 @@ class TFLiteModel(Model):
             raise TFLiteDelegateError(
                 f"board {board} runs TFLite models through the delegate {lib}, which is not "
                 f"installed here; install it (Coral: apt-get install libedgetpu1-std), or pass "
-                f"delegate=None to run on the CPU")
+                f"delegate=None ({DELEGATE_ENV}=none for the CLI) to run on the CPU")
         return found
 
     # -- lifetime -------------------------------------------------------------------------
