@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from support.bundles import make_bundle, rewrite_gguf, small_adapter, tweak_gguf
 
 import edgellm
 from edgellm.fleet.fsops import FaultFS, FileOps, PowerCut
@@ -24,11 +25,8 @@ from edgellm.fleet.health import HealthResult, HealthSpec, check_files, record_g
 from edgellm.fleet.patch import make_adapter_patch, make_delta, sha256_path
 from edgellm.fleet.slots import Active, SlotStore
 from edgellm.fleet.updater import Update, Updater
-from edgellm.formats.adapter import write_adapter
-from edgellm.formats.bundle import Bundle, ModelSummary, SourceInfo, write_manifest
+from edgellm.formats.bundle import Bundle
 from edgellm.formats.convert import convert
-from edgellm.formats.gguf import RawTensor, read_gguf, write_gguf
-from edgellm.runtime.config import ModelConfig
 
 DATA = Path(__file__).parent / "data" / "stories260K"
 NODE = "en/medical"
@@ -39,46 +37,12 @@ PROMPT = "Once upon a time"
 # Models and bundles
 
 
-def _summary(path: Path) -> tuple[ModelSummary, int]:
-    with read_gguf(path) as f:
-        cfg = ModelConfig.from_metadata(f.metadata)
-        nbytes = sum(t.nbytes for t in f.tensors.values())
-        n = sum(t.n_elements for t in f.tensors.values())
-    return ModelSummary(arch=cfg.arch, dim=cfg.dim, hidden_dim=cfg.hidden_dim,
-                        n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                        head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
-                        n_params=n), nbytes
-
-
-def make_bundle(folder: Path, gguf: Path, version: int, summary_from: Path | None = None) -> Bundle:
-    """A hub-built bundle folder around gguf (the manifest hashes whatever bytes it holds)."""
-    folder.mkdir(parents=True)
-    shutil.copy(gguf, folder / "model.gguf")
-    summary, nbytes = _summary(summary_from or gguf)
-    return write_manifest(folder, board="x86-host", isa_features=(), recipe="q8_0",
-                          source=SourceInfo("gguf", gguf.name, str(gguf), ()), node=NODE,
-                          version=version, config=summary, weights_bytes=nbytes)
-
-
-def rewrite(src: Path, dst: Path, change: Callable[[str, np.ndarray], np.ndarray | None]) -> Path:
-    """Copy a GGUF, replacing the raw bytes of tensors for which change() returns an array."""
-    with read_gguf(src) as f:
-        tensors = []
-        for t in f.tensors.values():
-            raw = np.frombuffer(f.tensor_bytes(t.name), np.uint8)
-            new = change(t.name, raw.copy())
-            data = bytes(raw) if new is None else new.tobytes()
-            tensors.append((t.name, RawTensor(data, t.shape), t.type))
-        write_gguf(dst, dict(f.fields), tensors)
-    return dst
-
-
 def _float_rewrite(src: Path, dst: Path, fn: Callable[[str, np.ndarray], np.ndarray | None]) -> Path:
-    """rewrite() for an F32 file, with fn seeing float32 arrays."""
+    """rewrite_gguf() for an F32 file, with fn seeing float32 arrays."""
     def change(name: str, raw: np.ndarray) -> np.ndarray | None:
         out = fn(name, raw.view(np.float32))
         return None if out is None else np.ascontiguousarray(out, np.float32).view(np.uint8)
-    return rewrite(src, dst, change)
+    return rewrite_gguf(src, dst, change)
 
 
 @dataclasses.dataclass
@@ -143,25 +107,13 @@ def _make_world(root: Path) -> World:
     m1 = convert(DATA / "stories260K.bin", root / "m1.gguf", type="q8_0",
                  tokenizer=DATA / "tok512.bin", log=None)
     rng = np.random.default_rng(0)
-
-    def tweak(name: str, raw: np.ndarray) -> np.ndarray | None:  # v2: two tensors re-trained
-        if name not in ("blk.0.attn_q.weight", "blk.1.ffn_up.weight"):
-            return None
-        idx = rng.integers(0, raw.size, raw.size // 50)
-        raw[idx] ^= 1
-        return raw
-
-    m2 = rewrite(m1, root / "m2.gguf", tweak)
-    b1 = make_bundle(root / "b1", m1, 1)
-    b2 = make_bundle(root / "b2", m2, 2)
+    # v2: two tensors re-trained
+    m2 = tweak_gguf(m1, root / "m2.gguf", ("blk.0.attn_q.weight", "blk.1.ffn_up.weight"), rng)
+    b1 = make_bundle(root / "b1", m1, node=NODE, version=1, board="x86-host")
+    b2 = make_bundle(root / "b2", m2, node=NODE, version=2, board="x86-host")
     delta = root / "v1-v2.patch"
     delta.write_bytes(make_delta(m1, m2, node=NODE))
-    with read_gguf(m1) as f:
-        meta = f.metadata
-        dim = int(meta["llama.embedding_length"])
-    a = rng.standard_normal((4, dim)).astype(np.float32) * 0.01
-    b = rng.standard_normal((dim, 4)).astype(np.float32) * 0.01
-    adapter = write_adapter(root / "adapter.gguf", meta, {"blk.0.attn_q.weight": (a, b)}, 8.0)
+    adapter = small_adapter(m1, root / "adapter.gguf", rng)
     apatch = root / "adapter.patch"
     apatch.write_bytes(make_adapter_patch(adapter, m1, node=NODE))
     spec = record_golden(m1, PROMPT, 16)
@@ -347,8 +299,8 @@ def test_bad_models_roll_back_within_60s_and_report(world: World) -> None:
     cases = _bad_models(world)
     for i, (reason, (gguf, spec)) in enumerate(cases.items()):
         dev = world.device(f"bad-{reason}")
-        bundle = make_bundle(world.root / f"bad-bundle-{reason}", gguf, 10 + i,
-                             summary_from=world.m1)
+        bundle = make_bundle(world.root / f"bad-bundle-{reason}", gguf, node=NODE, version=10 + i,
+                             board="x86-host", summary_from=world.m1)
         u = Updater(dev)  # the real child-process health check
         assert u.boot() == world.old()
         t0 = time.monotonic()

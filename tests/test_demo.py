@@ -95,21 +95,56 @@ def test_select_picks_the_leaf_for_a_bedside_pi() -> None:
 
 
 def test_walkthrough_runs_end_to_end(tmp_path: Path) -> None:
-    """`make demo`'s script: tree, choice, answer, then a real hub + Mosquitto + agent."""
+    """`make demo`'s script: tree, choice, answer; then a hub, a device flashed onto a folder
+    standing in for its SD card, real Mosquitto + hub service + agent, usage upstream, a
+    signed update committed and a forged one refused as an attack."""
+    import sqlite3
     import subprocess
     import sys
 
+    from edgellm.demo.fleet_step import DEVICE_ID
     from edgellm.demo.walkthrough import QUESTIONS
+    from edgellm.fleet.slots import SlotStore
 
     r = subprocess.run([sys.executable, "-m", "edgellm.demo.walkthrough", "--work", str(tmp_path)],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = r.stdout
     assert "choice: en/medical/cardiology q8_0 v1 (rpi5)" in out
-    stored = next(line for line in out.splitlines() if line.startswith("the hub stored this report:"))
+    # provisioned by `edgellm flash --to dir:` and its first boot, with the 4-bit build
+    assert f"device {DEVICE_ID}: en/medical/cardiology@1 (q4_0_mixed) -> dir:" in out
+    assert "first boot: en/medical/cardiology v1 installed" in out
+    stored = next(line for line in out.splitlines()
+                  if line.startswith("the hub stored this report:"))
     report = json.loads(stored.split(":", 1)[1])
     assert report["requests"] == len(QUESTIONS) and report["node"] == LEAF
     assert report["gen_tokens"] > 0 and report["seq"] == 0
     for q in QUESTIONS:  # nothing of the questions reached the hub
         assert q.split("\n")[0][len("Question: "):] not in stored
+    # the signed improvement: committed, reported; the forged one: refused as an attack
+    assert f"device {DEVICE_ID}: committed in" in out
+    assert "now serving en/medical/cardiology v2" in out
+    assert f"device {DEVICE_ID}: refused, reason hash_mismatch, attack True" in out
+    assert "still serving en/medical/cardiology v2" in out
+    assert "verified; 0 files staged): the same answer as before" in out
+    assert "devices flagged as attacked: " + DEVICE_ID in out
     assert "1 (0 online, 1 offline" in out  # the death certificate arrived
+    conn = sqlite3.connect(tmp_path / "hub" / "registry.db")
+    try:
+        rows = conn.execute("SELECT version, outcome, reason, attack FROM fleet_updates WHERE "
+                            "device = ? ORDER BY release", (DEVICE_ID,)).fetchall()
+        states = conn.execute("SELECT state FROM fleet_rollouts ORDER BY id").fetchall()
+        dev = conn.execute("SELECT version, attack FROM fleet_devices WHERE device = ?",
+                           (DEVICE_ID,)).fetchone()
+    finally:
+        conn.close()
+    assert rows == [(2, "committed", "ok", 0), (3, "refused", "hash_mismatch", 1)]
+    assert states == [("done",), ("halted",)]
+    assert dev == (2, 1)
+    # on the device: version 2 (the shipped 8-bit build) is the current model, and verifies
+    models = SlotStore(tmp_path / "sdcard" / "rootfs" / "var" / "lib" / "edgellm" / "models")
+    active = models.read_pointer("current")
+    assert active is not None and active.version == 2
+    q8 = next(b for b in list_bundles(BUNDLES) if b.node == LEAF and b.recipe == "q8_0")
+    assert active.model_sha256 == q8.files[0].sha256
+    models.verify(active)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.fleet import wait_until
 from support.updates import NODE, PROMPT, Models, UpdateHub, build_models, greedy
 
 from edgellm.errors import DeviceConfigError
@@ -39,15 +40,6 @@ def hub(tmp_path: Path, models: Models) -> Iterator[UpdateHub]:
         yield h
 
 
-def _wait(cond: object, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return bool(cond())  # type: ignore[operator]
-
-
 def _served(hub: UpdateHub) -> list[str]:
     """Paths the hub served chunks of (TufResponder.on_served)."""
     out: list[str] = []
@@ -63,7 +55,7 @@ def _downloads(agent: Agent) -> list[str]:
 def test_full_bundle_with_health_check(hub: UpdateHub) -> None:
     m = hub.models
     agent = hub.agent("dev-000")
-    assert hub.births("dev-000") or _wait(lambda: hub.births("dev-000"))
+    assert hub.births("dev-000") or wait_until(lambda: hub.births("dev-000"))
     assert hub.births("dev-000")[0]["version"] == 1 and hub.births("dev-000")[0]["attack"] is False
     spec = record_golden(m.b2.folder / "model.gguf", PROMPT, 8)
     r = hub.offer_and_wait(agent, hub.publish(m.b2, release=2, health=health_custom(spec)))
@@ -73,7 +65,7 @@ def test_full_bundle_with_health_check(hub: UpdateHub) -> None:
     assert u is not None and u.active is not None and u.active.model_sha256 == Models.sha(m.b2)
     assert u.log[-1]["health"]["measured"]["tokens"] == list(spec.expected)  # the child ran it
     assert greedy(agent.model_path()) == greedy(m.b2.folder / "model.gguf")
-    assert _wait(lambda: hub.births("dev-000")[-1]["version"] == 2)
+    assert wait_until(lambda: hub.births("dev-000")[-1]["version"] == 2)
     assert agent.updates is not None and agent.updates.installed is not None
     assert agent.updates.installed.release == 2
     hub.settle(agent)
@@ -108,7 +100,7 @@ def test_delta_then_adapter(hub: UpdateHub) -> None:
     assert second is not None and second["outcome"] == "committed", hub.updates("dev-000")
     assert u.active is not None and u.active.adapter_sha256 == sha256_path(m.adapter)
     assert u.active.model_sha256 == Models.sha(m.b1)
-    assert _wait(lambda: hub.births("dev-000")[-1]["adapter"] == sha256_path(m.adapter))
+    assert wait_until(lambda: hub.births("dev-000")[-1]["adapter"] == sha256_path(m.adapter))
 
 
 def test_delta_falls_back_to_the_bundle(hub: UpdateHub) -> None:
@@ -142,7 +134,7 @@ def test_window_and_session_lock(hub: UpdateHub) -> None:
     u = agent.updater
     assert u is not None
     rollout = hub.offer("dev-000", hub.publish(m.b2, release=2))
-    assert _wait(lambda: agent.tick() is None and u.journal()["state"] == "installed", 10)
+    assert wait_until(lambda: agent.tick() is None and u.journal()["state"] == "installed", 10)
     for _ in range(10):
         agent.tick()
     assert u.active is not None and u.active.model_sha256 == Models.sha(m.b1)
@@ -176,11 +168,11 @@ def test_counter_and_attack_flag_survive_a_restart(hub: UpdateHub) -> None:
     again = Agent(agent.cfg, fetch_timeout=5.0)
     again.start(timeout=10)
     hub.agents.append(again)
-    assert _wait(lambda: hub.births("dev-000")[-1]["bdSeq"] == 1)
+    assert wait_until(lambda: hub.births("dev-000")[-1]["bdSeq"] == 1)
     assert hub.births("dev-000")[-1]["attack"] is True  # durable until the next commit
     r = hub.offer_and_wait(again, hub.publish(m.b2, release=4))
     assert r["outcome"] == "committed"
-    assert _wait(lambda: hub.births("dev-000")[-1]["attack"] is False)
+    assert wait_until(lambda: hub.births("dev-000")[-1]["attack"] is False)
     hub.settle(again)
     again.stop()
     hub.agents.remove(again)
@@ -204,7 +196,7 @@ def test_agent_cli_once_with_a_store(hub: UpdateHub) -> None:
                           str(folder / "device.toml"), "--once"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert _wait(lambda: len(hub.births("dev-000")) > before)
+    assert wait_until(lambda: len(hub.births("dev-000")) > before)
     birth = hub.births("dev-000")[-1]
     assert birth["version"] == 1 and birth["node"] == NODE and birth["attack"] is False
 

@@ -253,8 +253,12 @@ def test_firmware_tools_match_what_first_boot_writes() -> None:
     for bad in ("var/lib/edgellm", "/", "/var/lib/../etc"):
         with pytest.raises(FlashError):
             agent_unit(bad, exe=EXE)
-    assert (TOOLS / FIRSTBOOT_UNIT).read_text() == FIRSTBOOT_UNIT_TEXT
-    assert (TOOLS / SCRIPT).read_text() == FIRSTRUN_SH
+    # the first-boot script and unit ship once, in the package; firmware_tools/ links to them
+    shipped = ROOT / "edgellm" / "flash"
+    for name, text in ((FIRSTBOOT_UNIT, FIRSTBOOT_UNIT_TEXT), (SCRIPT, FIRSTRUN_SH)):
+        assert (TOOLS / name).is_symlink(), name
+        assert (TOOLS / name).resolve() == (shipped / name).resolve(), name
+        assert (shipped / name).read_text() == text and text.strip(), name
     readme = (TOOLS / "README.md").read_text()
     for f in sorted(TOOLS.iterdir()):
         assert f.name == "README.md" or f"`{f.name}`" in readme, f"README.md omits {f.name}"

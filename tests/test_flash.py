@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from support.fleet import make_home
+from support.releases import DEMO_LEAF_Q4, DEMO_LEAF_Q8
 
 from edgellm.errors import FlashPackageError
 from edgellm.flash.package import (
@@ -30,9 +31,7 @@ from edgellm.fleet.slots import SlotStore
 from edgellm.formats.bundle import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = ROOT / "edgellm" / "demo" / "bundles"
-B1 = BUNDLES / "en-medical-cardiology-rpi5-q4_0_mixed"
-B2 = BUNDLES / "en-medical-cardiology-rpi5-q8_0"
+B1, B2 = DEMO_LEAF_Q4, DEMO_LEAF_Q8
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
@@ -41,6 +40,25 @@ def ident(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A hub home with one device (dev-001, board rpi5, no node yet): its identity folder."""
     home = make_home(tmp_path_factory.mktemp("hub"))
     return home.add_device("dev-001", board="rpi5")
+
+
+def install_refused_disk_full(pkg: Path, dev: Path) -> None:
+    """install_package(pkg, dev) in a child process whose files may not grow past 200 kB
+    (RLIMIT_FSIZE): it must refuse with FlashDiskFullError."""
+    code = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+from edgellm.errors import FlashDiskFullError
+from edgellm.flash.package import install_package
+try:
+    install_package({str(pkg)!r}, {str(dev)!r})
+except FlashDiskFullError as exc:
+    print("refused:", exc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                       timeout=60)
+    assert r.returncode == 0 and "refused:" in r.stdout, (r.stdout, r.stderr)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
@@ -243,20 +261,7 @@ def test_install_cut_mid_copy_leaves_old_model_and_identity(tmp_path: Path, iden
     (dev / "device.toml").write_text((dev / "device.toml").read_text() + "# local edit\n")
     before = {p: (dev / p).read_bytes() for p in ("device.toml", "models/current", "flash.json")}
     p2 = make_package(tmp_path / "p2", bundle_dir=B2, identity_dir=ident, board="rpi5")
-    code = f"""
-import resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-from edgellm.errors import FlashDiskFullError
-from edgellm.flash.package import install_package
-try:
-    install_package({str(p2)!r}, {str(dev)!r})
-except FlashDiskFullError as exc:
-    print("refused:", exc)
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
-                       timeout=60)
-    assert r.returncode == 0 and "refused:" in r.stdout, (r.stdout, r.stderr)
+    install_refused_disk_full(p2, dev)
     assert {p: (dev / p).read_bytes() for p in before} == before
     assert not list(dev.glob(".*flash-new"))
     store = SlotStore(dev / "models")
@@ -286,20 +291,7 @@ def test_first_install_cut_mid_copy_leaves_nothing(tmp_path: Path, ident: Path) 
     """A new device (provision path) with a write limit: no pointer, no identity, no copy."""
     dev = tmp_path / "device"
     pkg = make_package(tmp_path / "p", bundle_dir=B1, identity_dir=ident, board="rpi5")
-    code = f"""
-import resource, signal
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-from edgellm.errors import FlashDiskFullError
-from edgellm.flash.package import install_package
-try:
-    install_package({str(pkg)!r}, {str(dev)!r})
-except FlashDiskFullError as exc:
-    print("refused:", exc)
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
-                       timeout=60)
-    assert r.returncode == 0 and "refused:" in r.stdout, (r.stdout, r.stderr)
+    install_refused_disk_full(pkg, dev)
     left = sorted(str(p.relative_to(dev)) for p in dev.rglob("*") if p.is_file())
     assert left == []  # only empty store folders: no model, pointer, identity or flash.json
     assert install_package(pkg, dev).node == "en/medical/cardiology"  # with room it installs

@@ -28,6 +28,7 @@ import serial
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 from support.fleet import make_home
+from support.releases import DEMO_BUNDLES, DEMO_LEAF_Q4, DEMO_LEAF_Q8
 
 from edgellm.errors import (
     FlashPortBusyError,
@@ -53,9 +54,7 @@ from edgellm.formats.bundle import read_manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 RELAY = ROOT / "tests" / "support" / "serial_relay.py"
-BUNDLES = ROOT / "edgellm" / "demo" / "bundles"
-B1 = BUNDLES / "en-medical-cardiology-rpi5-q4_0_mixed"
-B2 = BUNDLES / "en-medical-cardiology-rpi5-q8_0"
+B1, B2 = DEMO_LEAF_Q4, DEMO_LEAF_Q8
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 ONE_WINDOW = WINDOW * CHUNK
 RECEIVE_FILE = ("import sys; from edgellm.flash.serial_link import receive_file; "
@@ -370,7 +369,7 @@ def test_edgellm_flash_to_serial_installs_on_the_receiving_device(tmp_path: Path
         r = subprocess.run([sys.executable, "-m", "edgellm", "flash", "--board", "rpi5",
                             "--device", "dev-ser", "--need", "en/medical/cardiology", "--to",
                             f"serial://{host}?baud=921600", "--home", str(home.root),
-                            "--bundles", str(BUNDLES), "--no-progress"], env=ENV,
+                            "--bundles", str(DEMO_BUNDLES), "--no-progress"], env=ENV,
                            capture_output=True, text=True, timeout=60)
         rc, out, err = finish(rx)
     assert r.returncode == 0, r.stderr

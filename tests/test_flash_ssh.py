@@ -185,6 +185,14 @@ def test_bad_input_gives_clear_errors_and_changes_nothing(tmp_path: Path) -> Non
     with pytest.raises(FlashConnectError, match="resolve"):
         flash(board="rpi5", device_id="dev-bad", target="ssh://pi@no-such-host.invalid/var/lib/x",
               home=home.root, need=NEED, bundles=BUNDLES, show_progress=False)
+    # a tflite build (Coral): its model.tflite would not travel in a flash package
+    tfl = tmp_path / "coral-build"
+    shutil.copytree(BUNDLES / "en-medical-cardiology-rpi5-q8_0", tfl)
+    manifest = json.loads((tfl / "bundle.json").read_text())
+    manifest.update(backend={"name": "tflite"}, isa_features=[], board="coral-dev-board")
+    (tfl / "bundle.json").write_text(json.dumps(manifest))
+    rc, err = _cli(home, "--board", "coral-dev-board", "--model", str(tfl), "--to", f"dir:{boot}")
+    assert rc == 1 and "is a tflite build" in err and "GGUF bundles only" in err
     assert list(boot.iterdir()) == [] and home.devices() == []
 
 

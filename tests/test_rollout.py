@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from support.fleet import Inbox, close, device_client, make_home, running_broker
-from support.releases import DEMO_BUNDLES, stories_bundles
+from support.releases import DEMO_LEAF_Q4, stories_bundles
 from tuf.api.metadata import Metadata
 
 from edgellm.boards import UnknownBoardError
@@ -408,20 +408,13 @@ def test_adapter_release_and_expiring_metadata(tmp_path: Path, bundles: list[Any
     import datetime as dt
 
     import numpy as np
+    from support.bundles import small_adapter
 
-    from edgellm.formats.adapter import write_adapter
     from edgellm.formats.bundle import sha256_file
-    from edgellm.formats.gguf import read_gguf
 
     home = new_home(tmp_path, n=2)
     b1 = bundles[0]
-    with read_gguf(b1.folder / "model.gguf") as f:
-        meta = f.metadata
-    dim = int(meta["llama.embedding_length"])
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((4, dim)).astype(np.float32) * 0.01
-    b = rng.standard_normal((dim, 4)).astype(np.float32) * 0.01
-    lora = write_adapter(tmp_path / "lora.gguf", meta, {"blk.0.attn_q.weight": (a, b)}, 8.0)
+    lora = small_adapter(b1.model_path, tmp_path / "lora.gguf", np.random.default_rng(0))
     rel = publish_release(home, NODE, 1, bundle=b1.folder, adapter=lora)
     assert set(rel.targets) == {"model", "manifest", "adapter"}
     c = signed_targets(home)[rel.targets["adapter"]]
@@ -622,7 +615,6 @@ def _conn(home: HubHome) -> sqlite3.Connection:
 def test_demo_leaf_bundle_publishes(tmp_path: Path) -> None:
     home = new_home(tmp_path, n=2, node="en/medical/cardiology")
     rel = publish_release(home, "en/medical/cardiology", 1,
-                          bundle=DEMO_BUNDLES / "en-medical-cardiology-rpi5-q4_0_mixed",
-                          prompt="The heart")
+                          bundle=DEMO_LEAF_Q4, prompt="The heart")
     assert rel.targets["model"] == "en-medical-cardiology.v1.r1.rpi5.gguf"
     assert rel.health is not None and rel.waves == [1, 2]

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from support.fleet import make_home, running_broker
-from support.releases import DEMO_BUNDLES, restamp, stories_bundles
+from support.releases import DEMO_LEAF_Q4, DEMO_LEAF_Q8, restamp, stories_bundles
 
 from edgellm.fleet import rollout, store
 from edgellm.fleet.agent import Agent
@@ -194,10 +194,8 @@ def test_stories_delta_reaches_20_devices_then_a_failing_canary_halts(
 
 
 def test_demo_leaf_reaches_20_devices(tmp_path: Path) -> None:
-    v1 = restamp(DEMO_BUNDLES / "en-medical-cardiology-rpi5-q4_0_mixed", tmp_path / "leaf1",
-                 version=1)
-    v2 = restamp(DEMO_BUNDLES / "en-medical-cardiology-rpi5-q8_0", tmp_path / "leaf2",
-                 version=2)
+    v1 = restamp(DEMO_LEAF_Q4, tmp_path / "leaf1", version=1)
+    v2 = restamp(DEMO_LEAF_Q8, tmp_path / "leaf2", version=2)
     fleet = Fleet(tmp_path, LEAF, v1)
     with fleet.running():
         t0 = time.monotonic()

@@ -14,13 +14,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from securesystemslib.signer import CryptoSigner
+from support.fleet import wait_until
 from support.updates import Models, UpdateHub, build_models, greedy
 from tuf.api.metadata import Metadata, MetaFile, Root
 
@@ -47,15 +47,6 @@ def agent(hub: UpdateHub) -> Agent:
     return hub.agent(DEV)
 
 
-def _wait(cond: Any, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
-
-
 def assert_unchanged(hub: UpdateHub, agent: Agent, sha: str, golden: str) -> None:
     """The model with sha is active, idle, verified on disk, and answers as before."""
     u = agent.updater
@@ -78,7 +69,7 @@ def refused(hub: UpdateHub, agent: Agent, names: dict[str, str], reason: str | s
     assert r["outcome"] == "refused" and r["reason"] in want and r["attack"] is True, r
     assert_unchanged(hub, agent, sha or Models.sha(m.b1), golden or m.golden1)
     assert agent.updates is not None and agent.updates.attack
-    assert _wait(lambda: any(b["attack"] for b in hub.births(DEV))), hub.births(DEV)
+    assert wait_until(lambda: any(b["attack"] for b in hub.births(DEV))), hub.births(DEV)
     return r
 
 

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from support.bundles import write_bundle_manifest
 from support.fleet import close, make_home, running_broker
 from support.random_gguf import Shape, write_random_gguf
 from tuf.api import exceptions as tufx
@@ -42,9 +43,7 @@ from edgellm.fleet.tuf_client import download, refresh, trusted_client
 from edgellm.fleet.tuf_mqtt import CHUNK, MqttFetcher, TufResponder
 from edgellm.fleet.tuf_repo import TufRepo
 from edgellm.fleet.updater import Update, Updater
-from edgellm.formats.bundle import Bundle, ModelSummary, SourceInfo, write_manifest
-from edgellm.formats.gguf import read_gguf
-from edgellm.runtime.config import ModelConfig
+from edgellm.formats.bundle import Bundle
 
 NODE = "en/medical"
 BOARD = "rpi5"
@@ -185,17 +184,7 @@ def make_bundle(folder: Path, version: int, n_layers: int, dim: int, vocab: int)
     shape = Shape(dim=dim, hidden_dim=2 * dim, n_layers=n_layers, n_heads=4, n_kv_heads=4,
                   vocab_size=vocab, seq_len=256)
     gguf = write_random_gguf(folder / "model.gguf", shape, "q8_0", seed=version)
-    with read_gguf(gguf) as f:
-        cfg = ModelConfig.from_metadata(f.metadata)
-        nbytes = sum(t.nbytes for t in f.tensors.values())
-        n = sum(t.n_elements for t in f.tensors.values())
-    summary = ModelSummary(arch=cfg.arch, dim=cfg.dim, hidden_dim=cfg.hidden_dim,
-                           n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                           n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                           vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, n_params=n)
-    return write_manifest(folder, board="x86-host", isa_features=(), recipe="q8_0",
-                          source=SourceInfo("gguf", "model.gguf", str(gguf), ()), node=NODE,
-                          version=version, config=summary, weights_bytes=nbytes)
+    return write_bundle_manifest(folder, gguf, node=NODE, version=version, board="x86-host")
 
 
 # --------------------------------------------------------------------------------------
@@ -436,6 +425,19 @@ class CuttingFetcher(MqttFetcher):
         return got
 
 
+def power_cut_download(env: Env, b: Bundle, at: int) -> Path:
+    """dev-000 downloads b's model until the power goes as chunk `at` arrives (chunks before it
+    are stored); returns the partial store's folder."""
+    c1 = device_conn(env.home, "dev-000")
+    f1 = CuttingFetcher(c1, "dev-000", timeout=5.0)
+    f1.at = at
+    state = env.home.device_dir("dev-000")
+    with pytest.raises(PowerCut):
+        download(trusted_client(state, f1), f"m.v{b.version}.gguf")
+    cut(c1)
+    return state / "tuf" / "partial" / b.file("model.gguf").sha256
+
+
 def test_fifty_random_cuts_refetch_at_most_a_chunk_each(env: Env) -> None:
     """C3: 50 cuts at random chunks of a 95-chunk target, each a device power cut (a new
     process on the same state folder) or a dropped TCP connection; the hub serves each chunk
@@ -486,15 +488,8 @@ def test_device_power_cut_resumes_and_corrupt_chunks_are_refetched(env: Env) -> 
     b = env.bundles[2]  # ~30 chunks
     n = chunks_of(b)
     state = env.home.device_dir("dev-000")
-    c1 = device_conn(env.home, "dev-000")
-    f1 = CuttingFetcher(c1, "dev-000", timeout=5.0)
-    f1.at = 17
-    up = trusted_client(state, f1)
-    with pytest.raises(PowerCut):
-        download(up, f"m.v{b.version}.gguf")
-    cut(c1)
     sha = b.file("model.gguf").sha256
-    store = state / "tuf" / "partial" / sha
+    store = power_cut_download(env, b, 17)
     stored = sorted(p.name for p in store.iterdir() if not p.name.startswith(".")
                     and p.name != "total")
     assert len(stored) == 17  # chunks 0..16 durable, 17 answered but not stored
@@ -526,13 +521,7 @@ def test_forged_partial_fails_the_final_hash_and_is_dropped(env: Env) -> None:
     b = env.bundles[1]  # ~10 chunks
     n = chunks_of(b)
     state = env.home.device_dir("dev-000")
-    c1 = device_conn(env.home, "dev-000")
-    f1 = CuttingFetcher(c1, "dev-000", timeout=5.0)
-    f1.at = 6
-    with pytest.raises(PowerCut):
-        download(trusted_client(state, f1), f"m.v{b.version}.gguf")
-    cut(c1)
-    store = state / "tuf" / "partial" / b.file("model.gguf").sha256
+    store = power_cut_download(env, b, 6)
     victim = sorted(p for p in store.iterdir() if p.name.startswith("00000002."))[0]
     forged = os.urandom(CHUNK)
     victim.unlink()

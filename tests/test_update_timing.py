@@ -11,15 +11,16 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from support.bundles import write_bundle_manifest
 
 from edgellm.errors import InvalidArgumentError, StateError
 from edgellm.fleet.fsops import FileOps
 from edgellm.fleet.health import HealthResult, HealthSpec, check_files
 from edgellm.fleet.slots import Active, SlotStore
 from edgellm.fleet.updater import Update, UpdateLock, UpdatePolicy, Updater, UpdateScheduler
+from edgellm.formats.bundle import Bundle
 
 DATA = Path(__file__).parent / "data" / "stories260K"
 DAY = 86400.0
@@ -177,25 +178,12 @@ def test_sessions_on_threads_never_overlap_a_swap() -> None:
 # The real Updater on a simulated clock
 
 
-def _bundle(folder: Path, gguf: Path, version: int) -> Any:
-    from edgellm.formats.bundle import ModelSummary, SourceInfo, write_manifest
-    from edgellm.formats.gguf import read_gguf
-    from edgellm.runtime.config import ModelConfig
-
+def _bundle(folder: Path, gguf: Path, version: int) -> Bundle:
     folder.mkdir(parents=True)
     shutil.copy(gguf, folder / "model.gguf")
     with open(folder / "model.gguf", "ab") as f:  # a distinct file per version (GGUF ignores
         f.write(bytes(32 * version))              # trailing padding)
-    with read_gguf(gguf) as g:
-        c = ModelConfig.from_metadata(g.metadata)
-        n = sum(t.n_elements for t in g.tensors.values())
-        nbytes = sum(t.nbytes for t in g.tensors.values())
-    summary = ModelSummary(arch=c.arch, dim=c.dim, hidden_dim=c.hidden_dim, n_layers=c.n_layers,
-                           n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
-                           vocab_size=c.vocab_size, seq_len=c.seq_len, n_params=n)
-    return write_manifest(folder, board="x86-host", isa_features=(), recipe="q8_0",
-                          source=SourceInfo("gguf", "m", str(gguf), ()), node="en",
-                          version=version, config=summary, weights_bytes=nbytes)
+    return write_bundle_manifest(folder, gguf, node="en", version=version, board="x86-host")
 
 
 def test_the_real_updater_waits_for_unlock_and_window(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: MIT
 """The guided demo (`make demo`): from the shipped model tree to a bedside model that reports
-its use to a hub, each step explained as it runs.
+its use to a hub and takes signed updates, each step explained as it runs.
 
     python -m edgellm.demo.walkthrough [--work build/demo] [--board rpi5] [--no-fleet]
 
@@ -9,9 +9,17 @@ its use to a hub, each step explained as it runs.
 2. the choice: the deepest node on the need's path whose build fits the board, and why the
    others lost;
 3. the answer: the chosen model answers a cardiology question on this machine's C core;
-4. the fleet: a hub home (device CA, broker certificate, ACLs) and a local Mosquitto started
-   by edgellm, the hub service, and a device agent with its own certificate that reports the
-   answers' usage -- counts and timings, never the text -- which `edgellm hub status` shows.
+4. the device: a hub home (device CA, broker certificate, ACLs, TUF repository) and a device
+   provisioned by `edgellm flash --to dir:` (a folder as the SD card) and its first boot;
+   a local Mosquitto started by edgellm, the hub service and the device's agent;
+5. usage: the agent reports the answers' use -- counts and timings, never the text;
+6. a signed improvement: `hub release` signs version 2 (the leaf's 8-bit build over the
+   flashed 4-bit one); the device verifies it through TUF over MQTT, installs, health-checks
+   and commits it, and reports; the rollout's status;
+7. a forged update: one byte of version 3 changed on the hub's disk after signing; the device
+   refuses it (hash_mismatch, an attack), keeps answering with version 2, the hub halts the
+   rollout and flags the device;
+8. `edgellm hub status` and `hub rollout status`.
 
 Everything is written under --work; nothing outside it changes. A missing `mosquitto` binary
 stops step 4 with the command that installs it.
@@ -21,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import textwrap
 import time
@@ -95,12 +102,26 @@ def step_answer(bundle: Any) -> list[Any]:
     return stats
 
 
+def _show_logs() -> None:
+    """The device's and the hub's warnings go to stdout, in order with the steps and marked
+    as log lines; paho's note that the network loop ran once after disconnect() is dropped."""
+    import logging
+
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(logging.Formatter("[log %(name)s] %(message)s"))
+    h.addFilter(lambda r: not r.getMessage().startswith("Client is not connected"))
+    root = logging.getLogger()
+    root.addHandler(h)
+    root.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edgellm.demo.walkthrough", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="build/demo", help="folder for what the demo writes")
     ap.add_argument("--board", default="rpi5", help="the board to choose for (default rpi5)")
-    ap.add_argument("--no-fleet", action="store_true", help="stop after step 3 (no broker)")
+    ap.add_argument("--no-fleet", action="store_true",
+                    help="stop after step 3 (no broker, no updates)")
     a = ap.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -111,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_fleet:
         from .fleet_step import step_fleet
 
-        home = work / "hub"
-        shutil.rmtree(home, ignore_errors=True)
-        step_fleet(home, bundle, a.board, QUESTIONS)
+        _show_logs()
+
+        step_fleet(work, bundle, a.board, QUESTIONS)
     say(f"done in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -42,6 +42,7 @@ from ..errors import (
     FlashPortBusyError,
     FlashTargetError,
     InvalidArgumentError,
+    UnsupportedError,
 )
 from .package import ARCHIVE_SUFFIX, make_package, pack, read_package
 from .progress import Progress
@@ -272,6 +273,10 @@ def flash(*, board: str, device_id: str, target: str, home: str | os.PathLike[st
     check_device_id(device_id)
     b, why = choose_build(prof, need=need, model=model, bundles=bundles, context=context,
                           min_tokens_per_s=min_tokens_per_s)
+    if b.backend:  # a tflite build: its model.tflite would not travel (the package is GGUF)
+        raise UnsupportedError(f"{b.folder.name} is a {b.backend.get('name')} build: `edgellm "
+                               "flash` carries native GGUF bundles only; copy the bundle folder "
+                               "to the device (docs/tflite.md)")
     print(f"build: {b.node}@{b.version} {b.recipe} ({b.model_size / 1e6:.1f} MB), {why}",
           file=out)
     t = parse_target(target, **(ssh_options or {}))

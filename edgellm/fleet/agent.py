@@ -161,12 +161,16 @@ class Agent:
                                  "bdSeq": self.bd_seq})
         c.will_set(self._topic("state"), death, qos=1, retain=True)
 
-    def _birth(self) -> bytes:
-        node, version, adapter = self.cfg.node or "none", self.cfg.version, self.adapter
+    def _serving(self) -> tuple[str, int, str | None]:
+        """(node, version, adapter) of the model this device runs now: the updater's active
+        model when there is one (it changes with every committed update), else the config's."""
         active = self.updater.active if self.updater is not None else None
         if active is not None:
-            node, version = active.node, active.version
-            adapter = active.adapter_sha256 or self.adapter
+            return active.node, active.version, active.adapter_sha256 or self.adapter
+        return self.cfg.node or "none", self.cfg.version, self.adapter
+
+    def _birth(self) -> bytes:
+        node, version, adapter = self._serving()
         return protocol.encode({
             "type": "birth", "device": self.cfg.device_id, "bdSeq": self.bd_seq,
             "hour": protocol.current_hour(), "board": self.cfg.board,
@@ -352,8 +356,9 @@ class Agent:
     def report(self, timeout: float = 10.0, *, hour: int | None = None) -> int:
         """Queue the usage since the last report, then drain the queue; returns its seq."""
         fields = self.usage.take(protocol.current_hour() if hour is None else hour)
-        fields.update(type="usage", device=self.cfg.device_id, node=self.cfg.node or "none",
-                      version=self.cfg.version, adapter=self.adapter)
+        node, version, adapter = self._serving()
+        fields.update(type="usage", device=self.cfg.device_id, node=node, version=version,
+                      adapter=adapter)
         with self._lock:
             seq = self.queue.put(fields)
             self.stats["reports"] += 1
@@ -409,7 +414,7 @@ class Agent:
         if not clean:
             return False
         msg: dict[str, Any] = {"type": "example", "device": self.cfg.device_id,
-                               "hour": protocol.current_hour(), "node": self.cfg.node or "none",
+                               "hour": protocol.current_hour(), "node": self._serving()[0],
                                "text": clean, "delete_tag": secrets.token_hex(8)}
         if rating is not None:
             msg["rating"] = max(-1, min(1, int(rating)))

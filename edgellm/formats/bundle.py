@@ -10,7 +10,8 @@ gives the same manifest.
 
 Usage:
 
-    b = write_manifest(folder, board="rpi5", ...)   # hashes the files, writes bundle.json
+    s = ModelSummary.from_config(cfg, n_params)     # a runtime ModelConfig's dimensions
+    b = write_manifest(folder, board="rpi5", config=s, ...)  # hashes files, writes bundle.json
     b = read_manifest(folder)                         # validated; typed errors
     b.verify()                                        # sha256 and size of every file
     for b in list_bundles("bundles"): print(b.node, b.board, b.model_size)
@@ -27,10 +28,13 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..errors import EdgeLLMError, InvalidArgumentError
+
+if TYPE_CHECKING:
+    from ..runtime.config import ModelConfig
 
 SCHEMA = 1
 MANIFEST_NAME = "bundle.json"
@@ -158,6 +162,13 @@ class ModelSummary:
     vocab_size: int
     seq_len: int
     n_params: int
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, n_params: int) -> ModelSummary:
+        """The summary of a model read with ModelConfig.from_metadata, of n_params parameters."""
+        return cls(arch=cfg.arch, dim=cfg.dim, hidden_dim=cfg.hidden_dim, n_layers=cfg.n_layers,
+                   n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                   vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, n_params=n_params)
 
     def kv_cache_bytes(self, n_ctx: int, elem_bytes: int) -> int:
         """Bytes of a K and V cache of n_ctx positions, elem_bytes per value (4 f32, 2 f16)."""

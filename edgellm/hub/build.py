@@ -426,10 +426,7 @@ def _rewrite_with_keys(first: Path, final: Path, keys: dict[str, GGUFValue]) -> 
 
 
 def _summary(cfg: ModelConfig, n_params: int) -> ModelSummary:
-    return ModelSummary(arch=cfg.arch, dim=cfg.dim, hidden_dim=cfg.hidden_dim,
-                        n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                        head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
-                        n_params=n_params)
+    return ModelSummary.from_config(cfg, n_params)
 
 
 class _Log:

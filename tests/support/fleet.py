@@ -13,7 +13,8 @@ Usage (tests/ is on sys.path)::
 
 ``connect(home, certfile, keyfile)`` is the low-level form: it returns the client and the
 CONNACK reason code, or ``None`` when the broker closed the connection with no CONNACK (what a
-refused certificate looks like under TLS 1.3). ``Inbox`` records delivered messages.
+refused certificate looks like under TLS 1.3). ``Inbox`` records delivered messages;
+``wait_until(cond, timeout)`` polls a condition.
 Every client speaks MQTT v5 unless told otherwise.
 """
 
@@ -23,7 +24,8 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from edgellm.fleet.broker import Broker
 from edgellm.fleet.home import HubHome
 
 __all__ = ["Inbox", "close", "connect", "device_client", "free_port", "hub_client",
-           "make_home", "running_broker"]
+           "make_home", "running_broker", "wait_until"]
 
 
 def free_port() -> int:
@@ -44,6 +46,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll cond every 0.02 s until it is true or timeout seconds passed; its last answer."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return bool(cond())
 
 
 def make_home(tmp_path: Path, n_devices: int = 0, port: int | None = None,

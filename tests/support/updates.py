@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -37,13 +36,11 @@ from edgellm.fleet.patch import make_adapter_patch, make_delta, sha256_path
 from edgellm.fleet.slots import SlotStore
 from edgellm.fleet.tuf_mqtt import TufResponder
 from edgellm.fleet.tuf_repo import TufRepo
-from edgellm.formats.adapter import write_adapter
-from edgellm.formats.bundle import Bundle, ModelSummary, SourceInfo, write_manifest
+from edgellm.formats.bundle import Bundle
 from edgellm.formats.convert import convert
-from edgellm.formats.gguf import RawTensor, read_gguf, write_gguf
-from edgellm.runtime.config import ModelConfig
 from edgellm.runtime.model import Model
 
+from .bundles import make_bundle, small_adapter, tweak_gguf
 from .fleet import close, free_port, hub_client
 
 __all__ = ["NODE", "PROMPT", "Models", "UpdateHub", "build_models", "greedy"]
@@ -57,36 +54,6 @@ def greedy(model_path: Path, n: int = 6) -> str:
     """The model's greedy continuation of PROMPT: it loads and answers."""
     with Model(model_path) as m:
         return str(m.generate(PROMPT, max_tokens=n, temperature=0))
-
-
-def _bundle(folder: Path, gguf: Path, version: int) -> Bundle:
-    folder.mkdir(parents=True)
-    shutil.copy(gguf, folder / "model.gguf")
-    with read_gguf(gguf) as f:
-        cfg = ModelConfig.from_metadata(f.metadata)
-        nbytes = sum(t.nbytes for t in f.tensors.values())
-        n = sum(t.n_elements for t in f.tensors.values())
-    summary = ModelSummary(arch=cfg.arch, dim=cfg.dim, hidden_dim=cfg.hidden_dim,
-                           n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                           head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
-                           n_params=n)
-    return write_manifest(folder, board="rpi5", isa_features=(), recipe="q8_0",
-                          source=SourceInfo("gguf", gguf.name, str(gguf), ()), node=NODE,
-                          version=version, config=summary, weights_bytes=nbytes)
-
-
-def _tweak(src: Path, dst: Path, names: tuple[str, ...], seed: int) -> Path:
-    """A fine-tuned-looking copy: a few bits flipped in the named tensors."""
-    rng = np.random.default_rng(seed)
-    with read_gguf(src) as f:
-        tensors = []
-        for t in f.tensors.values():
-            raw = np.frombuffer(f.tensor_bytes(t.name), np.uint8).copy()
-            if t.name in names:
-                raw[rng.integers(0, raw.size, raw.size // 50)] ^= 1
-            tensors.append((t.name, RawTensor(raw.tobytes(), t.shape), t.type))
-        write_gguf(dst, dict(f.fields), tensors)
-    return dst
 
 
 @dataclasses.dataclass
@@ -112,20 +79,16 @@ def build_models(root: Path) -> Models:
     root.mkdir(parents=True, exist_ok=True)
     m1 = convert(DATA / "stories260K.bin", root / "m1.gguf", type="q8_0",
                  tokenizer=DATA / "tok512.bin", log=None)
-    m2 = _tweak(m1, root / "m2.gguf", ("blk.0.attn_q.weight", "blk.1.ffn_up.weight"), 1)
-    m3 = _tweak(m1, root / "m3.gguf", ("blk.2.attn_k.weight",), 2)
-    b1, b2, b3 = (_bundle(root / f"b{i}", m, i) for i, m in ((1, m1), (2, m2), (3, m3)))
+    m2 = tweak_gguf(m1, root / "m2.gguf", ("blk.0.attn_q.weight", "blk.1.ffn_up.weight"),
+                    np.random.default_rng(1))
+    m3 = tweak_gguf(m1, root / "m3.gguf", ("blk.2.attn_k.weight",), np.random.default_rng(2))
+    b1, b2, b3 = (make_bundle(root / f"b{i}", m, node=NODE, version=i)
+                  for i, m in ((1, m1), (2, m2), (3, m3)))
     delta12 = root / "v1-v2.patch"
     delta12.write_bytes(make_delta(m1, m2, node=NODE))
     delta32 = root / "v3-v2.patch"
     delta32.write_bytes(make_delta(m3, m2, node=NODE))
-    with read_gguf(m1) as f:
-        meta = f.metadata
-    dim = int(meta["llama.embedding_length"])
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((4, dim)).astype(np.float32) * 0.01
-    b = rng.standard_normal((dim, 4)).astype(np.float32) * 0.01
-    adapter = write_adapter(root / "adapter.gguf", meta, {"blk.0.attn_q.weight": (a, b)}, 8.0)
+    adapter = small_adapter(m1, root / "adapter.gguf", np.random.default_rng(0))
     apatch = root / "adapter.patch"
     apatch.write_bytes(make_adapter_patch(adapter, m1, node=NODE))
     return Models(root, b1, b2, b3, delta12, delta32, adapter, apatch, greedy(m1))
