@@ -58,8 +58,12 @@ def test_full_bundle_with_health_check(hub: UpdateHub) -> None:
     assert hub.births("dev-000") or wait_until(lambda: hub.births("dev-000"))
     assert hub.births("dev-000")[0]["version"] == 1 and hub.births("dev-000")[0]["attack"] is False
     spec = record_golden(m.b2.folder / "model.gguf", PROMPT, 8)
+    stale = agent.cfg.state_dir / "tuf" / "partial" / ("ab" * 32)  # a withdrawn release's
+    stale.mkdir(parents=True)
+    (stale / "total").write_text("1000")
     r = hub.offer_and_wait(agent, hub.publish(m.b2, release=2, health=health_custom(spec)))
     assert r["outcome"] == "committed" and r["reason"] == "ok" and r["attack"] is False
+    assert not stale.exists()  # an offer prunes partial downloads of targets it does not name
     assert (r["node"], r["version"], r["release"], r["rollout"]) == (NODE, 2, 1 + 1, 1)
     u = agent.updater
     assert u is not None and u.active is not None and u.active.model_sha256 == Models.sha(m.b2)

@@ -264,6 +264,8 @@ class DeviceUpdates:
                 targets[slot] = SignedTarget.from_custom(
                     name, info.custom, length=info.length, sha256=info.hashes.get("sha256", ""))
                 first = first or targets[slot]
+            if self._fetcher is not None:  # partial downloads of releases no longer offered
+                self._fetcher.prune_partials(keep={t.sha256 for t in targets.values()})
             if "model" not in targets or "manifest" not in targets:
                 raise UpdateRefusedError(Reason.INVALID.value, "the offer names no full bundle",
                                          attack=False)
