@@ -17,6 +17,7 @@ from support.fleet import make_home, running_broker
 
 from edgellm.doctor import FAIL, PASS, Check, format_report, run_checks
 from edgellm.flash.package import install_package, make_package
+from edgellm.fleet import pki
 from edgellm.fleet.home import HubHome
 from edgellm.fleet.slots import SlotStore
 
@@ -88,10 +89,16 @@ def test_bad_clock_fails(home: HubHome, tmp_path: Path) -> None:
     old = dt.datetime(2001, 1, 1, tzinfo=dt.timezone.utc)
     clock = by_name(run_checks(cfg, now=old, timeout=1))["clock"]
     assert clock.status == FAIL and "before this edgellm" in clock.detail and "NTP" in clock.fix
-    cert = x509.load_pem_x509_certificate((tmp_path / "dev" / "device.crt").read_bytes())
-    early = cert.not_valid_before_utc - dt.timedelta(hours=1)  # after the build, before the cert
-    clock = by_name(run_checks(cfg, now=early, timeout=1))["clock"]
+    # a certificate that starts tomorrow (today is after this edgellm's build or install, which
+    # on a fresh checkout can be later than a certificate issued a minute ago, backdated)
+    ca = pki.load_key(home.device_ca_key), pki.load_cert(home.device_ca_cert)
+    key, later = pki.issue_client(*ca, "dev-doc3", days=30, not_before=dt.datetime.now(
+        dt.timezone.utc) + dt.timedelta(days=1))
+    pki.write_pem(tmp_path / "dev" / "device.crt", later)
+    pki.write_key(tmp_path / "dev" / "device.key", key)
+    clock = by_name(run_checks(cfg, timeout=1))["clock"]
     assert clock.status == FAIL and "before the device certificate is valid" in clock.detail
+    cert = x509.load_pem_x509_certificate((tmp_path / "dev" / "device.crt").read_bytes())
     late = cert.not_valid_after_utc + dt.timedelta(days=1)
     clock = by_name(run_checks(cfg, now=late, timeout=1))["clock"]
     assert clock.status == FAIL and "expired" in clock.detail
