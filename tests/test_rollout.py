@@ -5,8 +5,10 @@ messages, the hub service's offers against a real mosquitto, and the CLI with it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,13 @@ from edgellm.fleet import protocol, rollout, store
 from edgellm.fleet.health import HealthSpec
 from edgellm.fleet.home import HubHome
 from edgellm.fleet.protocol import ProtocolError
-from edgellm.fleet.release import health_custom, publish_release, target_names
+from edgellm.fleet.release import (
+    health_custom,
+    keep_fresh,
+    publish_release,
+    release_lock,
+    target_names,
+)
 from edgellm.fleet.service import HubService
 from edgellm.fleet.tuf_repo import TufRepo
 from edgellm.hub.registry import NewBuild, NewVersion, Registry
@@ -96,10 +104,10 @@ class Db:
                                                       "model": f"s.r{rel}.gguf"}), NOW))
 
     def create(self, devices: list[str] = DEVS, shares: tuple[float, ...] = (0.1, 1.0),
-               halt_at: float = 0.2, release: int = 2, **kw: Any) -> int:
+               halt_at: float = 0.2, release: int = 2, board: str = "rpi5", **kw: Any) -> int:
         with self.conn:
             return rollout.create(self.conn, node=NODE, release=release, version=2,
-                                  board="rpi5", devices=devices, shares=shares, halt_at=halt_at,
+                                  board=board, devices=devices, shares=shares, halt_at=halt_at,
                                   now=NOW, **kw)
 
     def offer_due(self, now: float = NOW) -> list[str]:
@@ -278,6 +286,26 @@ def test_a_new_release_supersedes_the_old_rollout(db: Db) -> None:
     assert "superseded by release 3" in text
 
 
+def test_a_release_for_every_board_and_one_for_a_board_supersede_each_other(db: Db) -> None:
+    # else the hub keeps re-sending the older offer on births and devices refuse it as a
+    # release_downgrade (attack=true)
+    with db.conn:
+        for rel in (4, 5):
+            db.conn.execute(
+                "INSERT INTO fleet_releases (node, release, version, board, model_sha256, "
+                "targets, source, health, created_at) VALUES (?, ?, 2, 'rpi5', ?, ?, '', 1, ?)",
+                (NODE, rel, "a" * 64, json.dumps({"model": f"s.r{rel}.gguf"}), NOW))
+    rpi5 = db.create(DEVS[:10], release=2, board="rpi5")
+    jetson = db.create(DEVS[10:], release=3, board="jetson-orin-nano")
+    assert db.status(rpi5)["state"] == "active"  # other boards do not touch each other
+    star = db.create(release=4, board="*")
+    assert [db.status(r)["state"] for r in (rpi5, jetson)] == ["superseded"] * 2
+    assert db.status(rpi5)["reason"] == "superseded by release 4"
+    again = db.create(DEVS[:10], release=5, board="rpi5")
+    assert db.status(star)["state"] == "superseded"
+    assert {o.rollout for o in rollout.due_offers(db.conn)} == {again}
+
+
 def test_migration_2_brings_an_old_database_forward(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     from edgellm.hub import db as hubdb
@@ -435,6 +463,49 @@ def test_adapter_release_and_expiring_metadata(tmp_path: Path, bundles: list[Any
                                                                  "timestamp"]
     assert repo.load("targets").signed.version == tv + 1
     assert set(signed_targets(home)) == set(rel.targets.values())  # the same targets
+
+
+def test_keep_fresh_never_waits_for_a_release_in_progress(tmp_path: Path) -> None:
+    # the service calls it from its loop: waiting for a long `hub release --delta-from`
+    # would stop its TUF answers, acks and offers for minutes
+    home = new_home(tmp_path, n=0)
+    got: list[Any] = []
+    with release_lock(home):  # a `hub release` holds the repository
+        t = threading.Thread(target=lambda: got.append(keep_fresh(home)), daemon=True)
+        t.start()
+        t.join(10)
+        waited = t.is_alive()
+    t.join()
+    assert not waited and got == [None]  # busy: skipped, the next look re-signs
+    assert keep_fresh(home) == []  # free again (and nothing expires soon)
+
+
+def test_a_target_is_signed_as_stored_even_if_its_source_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgellm.fleet import tuf_repo
+
+    home = new_home(tmp_path, n=0)
+    src = tmp_path / "model.gguf"
+    src.write_bytes(b"v1" * 4096)
+
+    class Racing(tuf_repo.TargetFile):  # the source is rewritten right after a hash
+        @classmethod
+        def from_file(cls, *args: Any, **kw: Any) -> Any:
+            tf = super().from_file(*args, **kw)
+            src.write_bytes(b"v2" * 4096)
+            return tf
+
+    monkeypatch.setattr(tuf_repo, "TargetFile", Racing)
+    repo = TufRepo.open(home)
+    repo.add_target(src, {"node": NODE, "version": 1, "release": 1, "board": "rpi5",
+                          "kind": "model"}, name="s.v1.r1.rpi5.gguf")
+    signed = repo.load("targets").signed.targets["s.v1.r1.rpi5.gguf"]
+    stored = repo.target_file("s.v1.r1.rpi5.gguf")
+    assert stored is not None and stored.exists()
+    data = stored.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == signed.hashes["sha256"]
+    assert len(data) == signed.length and data == b"v1" * 4096
+    assert not list(repo.targets_dir.glob(".*.tmp"))
 
 
 def test_health_custom_is_signable_and_round_trips() -> None:

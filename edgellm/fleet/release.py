@@ -97,25 +97,33 @@ def _home(home: Any) -> Any:
 
 
 @contextlib.contextmanager
-def release_lock(home: Any) -> Iterator[None]:
+def release_lock(home: Any, *, wait: bool = True) -> Iterator[bool]:
     """One writer of the TUF repository at a time (`hub release` and the service's
-    re-signing): an exclusive flock on HOME/tuf/release.lock (waits for the other)."""
+    re-signing): an exclusive flock on HOME/tuf/release.lock. Waits for the other writer
+    and yields True; with wait=False yields False at once (lock not taken) while another
+    holds it."""
     path = Path(home.root) / "tuf" / "release.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 
 
-def keep_fresh(home: Any) -> list[str]:
-    """Re-sign the online TUF roles that expire soon (TufRepo.refresh_expiring)."""
+def keep_fresh(home: Any) -> list[str] | None:
+    """Re-sign the online TUF roles that expire soon (TufRepo.refresh_expiring); returns
+    the roles re-signed, or None without waiting while another writer (a `hub release`,
+    which can take minutes) holds the repository: the service's loop must not block."""
     from .tuf_repo import TufRepo
 
     home = _home(home)
-    with release_lock(home):
-        return TufRepo.open(home).refresh_expiring()
+    with release_lock(home, wait=False) as held:
+        return TufRepo.open(home).refresh_expiring() if held else None
 
 
 def target_names(node: str, version: int, release: int, board: str,

@@ -108,7 +108,8 @@ def create(conn: sqlite3.Connection, *, node: str, release: int, version: int, b
            wave_timeout: float | None = None) -> int:
     """Start a rollout of (node, release) to devices; returns its id (call inside a
     transaction; the release row must exist). Earlier active or halted rollouts of the same
-    node and board are superseded: they send nothing more.
+    node and board are superseded: they send nothing more ("*" overlaps every board: a "*"
+    rollout supersedes them all, a board's rollout supersedes the "*" ones).
 
     Raises:
         InvalidArgumentError: no devices, bad shares or halt_at.
@@ -119,9 +120,12 @@ def create(conn: sqlite3.Connection, *, node: str, release: int, version: int, b
     if not 0 <= halt_at <= 1:
         raise InvalidArgumentError(f"halt_at {halt_at}: use 0..1")
     waves = plan_waves(len(set(devices)), shares)
+    # a "*" release and a board's release overlap: either supersedes the other (else the
+    # older offer is re-sent on births and devices refuse it as a downgrade)
     conn.execute("UPDATE fleet_rollouts SET state = 'superseded', updated_at = ?, reason = ? "
-                 "WHERE node = ? AND board = ? AND state IN ('active', 'halted')",
-                 (now, f"superseded by release {release}", node, board))
+                 "WHERE node = ? AND (board = ? OR board = '*' OR ? = '*') "
+                 "AND state IN ('active', 'halted')",
+                 (now, f"superseded by release {release}", node, board, board))
     cur = conn.execute(
         "INSERT INTO fleet_rollouts (node, release, version, board, waves, halt_at, "
         "wave_timeout, state, wave, wave_started_at, created_at, updated_at) "

@@ -506,7 +506,9 @@ class HubService:
     def _keep_fresh(self) -> None:
         from .release import keep_fresh
         try:
-            keep_fresh(self.home)
+            if keep_fresh(self.home) is None:  # a `hub release` is writing: next look
+                log.info("TUF repository busy (a release is being published); re-signing "
+                         "at the next look")
         except EdgeLLMError as exc:  # the next look (10 minutes) tries again
             log.error("could not re-sign the TUF timestamp: %s", exc)
 

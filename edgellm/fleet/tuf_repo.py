@@ -256,8 +256,8 @@ class TufRepo:
         """Publish several files as (path, custom, name) in ONE new targets version.
 
         A release's targets appear together: a device that refreshes sees all of them or
-        none. The files are copied (fsynced) under targets/ first, then targets, snapshot and
-        timestamp are signed once each.
+        none. The files are copied (fsynced) under targets/ first and the copies hashed, then
+        targets, snapshot and timestamp are signed once each.
         """
         out = []
         for path, custom, name in items:
@@ -268,14 +268,15 @@ class TufRepo:
             if missing or extra:
                 raise InvalidArgumentError(
                     f"target custom fields: missing {missing}, unknown {extra}")
-            tf = TargetFile.from_file(name, str(path), ["sha256"])
-            tf.unrecognized_fields["custom"] = dict(custom)
-            dest = self.targets_dir / f"{tf.hashes['sha256']}.{name}"
-            tmp = dest.with_name(f".{dest.name}.tmp")
+            # copy first, hash the copy: what is signed is what is stored, even if the
+            # source changes meanwhile
+            tmp = self.targets_dir / f".{name}.tmp"
             shutil.copyfile(path, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, dest)
+            tf = TargetFile.from_file(name, str(tmp), ["sha256"])
+            tf.unrecognized_fields["custom"] = dict(custom)
+            os.replace(tmp, self.targets_dir / f"{tf.hashes['sha256']}.{name}")
             out.append(tf)
         fsync_dir(self.targets_dir)
         targets = self.load("targets")

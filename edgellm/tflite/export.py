@@ -38,13 +38,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .._fsutil import atomic_write
 from ..errors import InvalidArgumentError, MissingToolError, UnsupportedError
 from ..formats.gguf import read_gguf
 from ..formats.quant import dequantize
@@ -304,17 +304,8 @@ def export_tflite(gguf: str | os.PathLike[str], out: str | os.PathLike[str], *,
         if quantize is not None:
             flat = quantize_tflite(flat, quantize)
     dest = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(flat)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, flat)  # temp file, fsync, rename, fsync of the folder
+    dest.chmod(0o644)
     sigs = {"prefill": _signature_shapes(cfg, ctx, prefill_len), "decode": _signature_shapes(cfg, ctx, 1)}
     return TFLiteExport(dest, quantize, ctx, prefill_len, sigs)
 
