@@ -10,13 +10,15 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.fleet import wait_until
-from support.updates import NODE, PROMPT, Models, UpdateHub, build_models, greedy
+from support.updates import NODE, PROMPT, Models, UpdateHub, build_models, greedy, read_json
 
 from edgellm.errors import DeviceConfigError
 from edgellm.fleet.agent import Agent
@@ -24,6 +26,7 @@ from edgellm.fleet.device_config import load_device_config, write_device_config
 from edgellm.fleet.health import record_golden
 from edgellm.fleet.patch import sha256_path
 from edgellm.fleet.release import health_custom
+from edgellm.fleet.tuf_mqtt import CHUNK
 from edgellm.fleet.updater import UpdatePolicy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +263,14 @@ def test_target_policy_rules() -> None:
     assert reason({**ok, "board": "rpi4"}) == "wrong_board"
     assert reason({**ok, "devices": ["dev-001"]}) == "wrong_device"
     assert reason({**ok, "release": 4}) == "release_downgrade"  # same counter, other bytes
+    # a freshly flashed device (nothing installed via TUF): the active version is the floor
+    fresh = DeviceFacts("dev-000", "rpi5", Active(a, NODE, 2), None)
+    for custom in ({**ok, "version": 1}, {**ok, "version": 2}):  # lower; same, other model
+        with pytest.raises(UpdateRefusedError) as err:
+            check(custom, fresh, name="t")
+        assert err.value.reason == "release_downgrade" and err.value.attack is True
+    assert check({**ok, "version": 2, "model_sha256": a}, fresh, name="m").version == 2
+    assert check({**ok, "version": 3}, fresh, name="m").version == 3
     assert reason({**ok, "release": 3, "model_sha256": a}) == "release_downgrade"
     assert reason({**ok, "kind": "delta", "base_sha256": c}) == "base_mismatch"
     assert reason({**ok, "kind": "adapter", "base_sha256": a, "adapter_sha256": c}) == "invalid"
@@ -289,9 +300,88 @@ def test_agent_tells_systemd_ready_and_watchdog(hub: UpdateHub, tmp_path: Path,
     sock.settimeout(5)
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
     try:
-        agent = hub.agent("dev-000")  # connected: READY=1 after the CONNACK
+        agent = hub.agent("dev-000", idle_s=3600.0)  # connected: READY=1 after the CONNACK
         agent.tick()  # WATCHDOG=1 every loop turn
         got = {sock.recv(64).decode() for _ in range(2)}
         assert got == {"READY=1", "WATCHDOG=1"}
+        # and after every chunk of a transfer: one tick downloads a multi-chunk model
+        names = hub.publish(hub.models.b2, release=2)
+        chunks = -(-(hub.models.b2.folder / "model.gguf").stat().st_size // CHUNK)
+        assert chunks >= 3
+        pings: list[str] = []
+        sock.settimeout(0.5)  # the reader stops once the pings stop
+        reader = threading.Thread(target=_drain, args=(sock, pings), daemon=True)
+        reader.start()
+        u = agent.updater
+        assert u is not None
+        hub.offer("dev-000", names)
+        ticks = 0
+        while u.journal()["state"] == "idle" and ticks < 200:
+            agent.tick()
+            ticks += 1
+            time.sleep(0.02)
+        assert u.journal()["state"] != "idle"
+        reader.join(5)
+        assert pings.count("WATCHDOG=1") >= ticks + chunks, (ticks, chunks, len(pings))
     finally:
         sock.close()
+
+
+def _drain(sock: Any, out: list[str]) -> None:
+    """Collect the notify datagrams until the socket stays silent (its timeout)."""
+    while True:
+        try:
+            out.append(sock.recv(64).decode())
+        except OSError:
+            return
+
+
+def test_no_space_refused_before_and_during_the_download(
+        hub: UpdateHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import edgellm.fleet.tuf_mqtt as tm
+
+    m = hub.models
+    agent = hub.agent("dev-000")
+    assert agent.updates is not None
+    size = (m.b2.folder / "model.gguf").stat().st_size
+    # free space for the download but not the staged copy on top: refused up front
+    agent.updates.free_bytes = lambda p: 3 * size
+    served = _served(hub)
+    r = hub.offer_and_wait(agent, hub.publish(m.b2, release=2))
+    assert (r["outcome"], r["reason"], r["attack"]) == ("refused", "no_space", False), r
+    assert served and all(p.startswith("metadata/") for p in served), served
+    # the disk fills up during the transfer (ENOSPC at chunk 2): a refusal, chunks dropped
+    agent.updates.free_bytes = lambda p: 1 << 40
+    real = tm.atomic_write
+
+    def full(path: Any, data: bytes) -> None:
+        if Path(path).name.startswith("00000002."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(tm, "atomic_write", full)
+    r = hub.offer_and_wait(agent, hub.publish(m.b2, release=3))
+    assert (r["outcome"], r["reason"], r["attack"]) == ("refused", "no_space", False), r
+    assert agent.updates._fetcher is not None and agent.updates._fetcher.partials() == []
+    assert _downloads(agent) == [] and agent.updates.attack is False
+
+
+def test_a_replaced_pending_offer_leaves_no_files(hub: UpdateHub) -> None:
+    m = hub.models
+    agent = hub.agent("dev-000", idle_s=3600.0)  # staged, never swapped
+    u, upd = agent.updater, agent.updates
+    assert u is not None and upd is not None
+    hub.offer("dev-000", hub.publish(m.b2, release=2))
+    assert wait_until(lambda: agent.tick() is None and u.journal()["state"] == "installed", 10)
+    hub.offer("dev-000", hub.publish(m.b3, release=3))  # waits behind v2: pending
+    assert wait_until(lambda: agent.tick() is None and u.pending is not None, 10)
+    assert u.pending is not None and u.pending.version == 3
+    old_txn, old_files = u.pending.txn, [Path(p) for p in u.pending.files.values()]
+    assert old_files and all(p.is_file() for p in old_files)
+    hub.offer("dev-000", hub.publish(m.b2, release=4))  # replaces the pending v3
+    assert wait_until(lambda: agent.tick() is None and u.pending is not None
+                      and u.pending.version == 2, 10)
+    assert not any(p.exists() for p in old_files)
+    assert old_txn not in read_json(agent.cfg.state_dir / "updates.json")["txns"]

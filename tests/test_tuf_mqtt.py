@@ -9,9 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from securesystemslib.signer import CryptoSigner
-from support.fleet import close, device_client, hub_client, make_home, running_broker
+from support.fleet import close, device_client, hub_client, make_home, running_broker, wait_until
 from tuf.api import exceptions as tufx
 from tuf.api.metadata import Metadata
 
@@ -196,3 +200,57 @@ def test_targets_rollback_refused(env: Env) -> None:
     env.repo.refresh_timestamp(snapshot_version=snap.signed.version)
     with pytest.raises(tufx.BadVersionNumberError):
         refresh(env.updater())
+
+
+def test_progress_callback_fires_for_every_chunk(env: Env) -> None:
+    """The agent's watchdog keepalive: on_progress runs during a multi-chunk transfer."""
+    data = env.publish()  # 300 kB: 5 chunks
+    ticks: list[int] = []
+    env.fetcher.on_progress = lambda: ticks.append(env.responder.stats["served"])
+    up = env.updater()
+    refresh(up)
+    before = len(ticks)
+    assert download(up, "model.bin").read_bytes() == data
+    assert len(ticks) - before == 5
+    assert len(set(ticks[before:])) == 5  # one per chunk, while the transfer went on
+
+
+def test_malformed_answer_is_a_download_error(tmp_path: Path) -> None:
+    home = make_home(tmp_path, n_devices=1)
+    with running_broker(home):
+        hub = hub_client(home)
+        dev = device_client(home, "dev-000")
+        bad = [[("status", "2OO")], [("status", "200"), ("total", "many")]]
+
+        def answer(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.CorrelationData = msg.properties.CorrelationData
+            props.UserProperty = bad[0]
+            c.publish(msg.properties.ResponseTopic, b"x", qos=1, properties=props)
+
+        hub.message_callback_add(protocol.topic("dev-000", "req"), answer)
+        subscribed: list[int] = []
+        hub.on_subscribe = lambda *a: subscribed.append(1)
+        hub.subscribe(protocol.topic("dev-000", "req"), qos=1)
+        assert wait_until(lambda: subscribed)
+        try:
+            fetcher = MqttFetcher(dev, "dev-000", timeout=2.0)
+            for _ in range(2):
+                with pytest.raises(tufx.DownloadError, match="malformed answer"):
+                    b"".join(fetcher.fetch("mqtt-tuf:metadata/timestamp.json"))
+                bad.pop(0)
+        finally:
+            close(dev, hub)
+
+
+def test_failed_fetcher_does_not_stay_chained(tmp_path: Path) -> None:
+    """A fetcher whose subscribe fails (no broker) detaches itself: no chain of dead hooks."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-000",
+                    protocol=mqtt.MQTTv5)
+    mine = c.on_connect
+    for _ in range(2):
+        with pytest.raises(tufx.DownloadError):
+            MqttFetcher(c, "dev-000", timeout=0.1)
+        assert c.on_connect is mine
+    assert not list(c._on_message_filtered.iter_match(
+        protocol.topic("dev-000", "resp", "tuf")))

@@ -141,10 +141,11 @@ class Hub:
                 return
             self.target_chunks += 1
             kill = self.target_chunks in self.kill_at
-            if kill:
+        # on_kill returns False when the broker is down already (an answer to a request that
+        # arrived before the cut): that is no new cut
+        if kill and self.on_kill():
+            with self.lock:
                 self.epoch += 1
-        if kill:
-            self.on_kill()
 
     def offer(self, device: str, version: int) -> None:
         """Offer release version to device (and again whenever the hub reconnects)."""
@@ -340,10 +341,14 @@ def test_broker_kill9_during_transfers(env: Env) -> None:
     killed = threading.Event()
     done = threading.Event()
 
-    def kill() -> None:  # on the hub's network thread, before the chunk's answer goes out
-        assert env.broker.proc is not None
-        os.kill(env.broker.proc.pid, signal.SIGKILL)
+    def kill() -> bool:  # on the hub's network thread, before the chunk's answer goes out
+        proc = env.broker.proc
+        assert proc is not None
+        if killed.is_set() or proc.poll() is not None:
+            return False  # killed already, not restarted yet
+        os.kill(proc.pid, signal.SIGKILL)
         killed.set()
+        return True
 
     def restarter() -> None:
         while not done.is_set():
@@ -515,6 +520,41 @@ def test_device_power_cut_resumes_and_corrupt_chunks_are_refetched(env: Env) -> 
     close(c2)
 
 
+def test_power_cut_before_the_target_is_durable_keeps_its_chunks(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The partial store goes only after the verified copy's fsync: a power cut between the
+    copy and its fsync resumes from the stored chunks (none fetched again)."""
+    import edgellm.fleet.tuf_client as tc
+
+    b = env.bundles[0]
+    n = chunks_of(b)
+    state = env.home.device_dir("dev-000")
+    sha = b.file("model.gguf").sha256
+    real = tc.fsync_dir
+
+    def cut_at_fsync(path: str | os.PathLike[str]) -> None:  # the copy's folder entry
+        if Path(path).name == "targets":
+            raise PowerCut(str(path))
+        real(path)
+
+    c1 = device_conn(env.home, "dev-000")
+    f1 = MqttFetcher(c1, "dev-000", timeout=5.0, state_dir=state)
+    monkeypatch.setattr(tc, "fsync_dir", cut_at_fsync)
+    with pytest.raises(PowerCut):
+        download(trusted_client(state, f1), f"m.v{b.version}.gguf")
+    assert f1.partials() == [sha]  # still there: the copy was not durable yet
+    monkeypatch.setattr(tc, "fsync_dir", real)
+    close(c1)
+    c2 = device_conn(env.home, "dev-000")
+    f2 = MqttFetcher(c2, "dev-000", timeout=5.0, state_dir=state)
+    (state / "tuf" / "targets").joinpath(f"m.v{b.version}.gguf").unlink()  # lost in the cut
+    path = download(trusted_client(state, f2), f"m.v{b.version}.gguf")
+    assert path.read_bytes() == (b.folder / "model.gguf").read_bytes()
+    assert f2.stats["reused_chunks"] == n and f2.stats["fetched_chunks"] == 0
+    assert f2.partials() == []  # durable now: the store went
+    close(c2)
+
+
 def test_forged_partial_fails_the_final_hash_and_is_dropped(env: Env) -> None:
     """A partial chunk replaced by other bytes under their own sha256 passes the chunk check;
     the target's signed hash catches it, the store goes, the next download starts over."""
@@ -555,7 +595,7 @@ def test_download_retries_while_the_broker_is_down(env: Env) -> None:
     env.hub.kill_at = {env.hub.target_chunks + 4}
     downtime = 1.6
 
-    def kill() -> None:
+    def kill() -> bool:
         assert env.broker.proc is not None
         os.kill(env.broker.proc.pid, signal.SIGKILL)
 
@@ -565,6 +605,7 @@ def test_download_retries_while_the_broker_is_down(env: Env) -> None:
             time.sleep(downtime)
             restart(env.broker)
         threading.Thread(target=later, daemon=True).start()
+        return True
 
     env.hub.on_kill = kill
     sleeps: list[float] = []

@@ -37,7 +37,8 @@ What it does (docs/fleet.md, "The device agent"):
   at start (crash recovery, boot-loop guard) and the birth names its active model (node,
   version, adapter) plus ``attack``; when the TUF root (``[update] tuf_root``) is there too,
   ``offer`` commands go to a ``DeviceUpdates`` (fleet/device_updates.py), driven by ``tick()``
-  every ``tick_s`` in ``run()``, which also pings systemd's watchdog (``WATCHDOG=1``;
+  every ``tick_s`` in ``run()``, which also pings systemd's watchdog (``WATCHDOG=1``, and after
+  every chunk of a TUF transfer, so a long download inside one tick keeps it fed;
   ``READY=1`` after each CONNACK: edgellm._sdnotify).
 
 .. versionadded:: 0.1
@@ -110,7 +111,8 @@ class Agent:
         if self.updater is not None and cfg.tuf_root is not None and cfg.tuf_root.is_file():
             self.updates = DeviceUpdates(cfg, self._client, cfg.device_id, updater=self.updater,
                                          fetch_timeout=fetch_timeout,
-                                         on_change=self._rebirth)
+                                         on_change=self._rebirth,
+                                         on_progress=self._keepalive)
 
     # -- the model store ------------------------------------------------------------------------
     def _make_updater(self) -> Updater | None:
@@ -315,6 +317,12 @@ class Agent:
             sock.close()
         self._started = False
         self.queue.close()
+
+    @staticmethod
+    def _keepalive() -> None:
+        """systemd's watchdog ping during a long transfer (every chunk): step() can take
+        minutes, WatchdogSec is 300 s."""
+        notify("WATCHDOG=1")
 
     def tick(self) -> dict[str, Any] | None:
         """One turn of the update loop: the pending offer, the Updater's poll, its reports;

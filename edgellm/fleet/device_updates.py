@@ -25,6 +25,13 @@ Choices:
   birth (``attack``) until the next committed update.
 - Reports leave as ``update`` messages (protocol.SCHEMAS) on the device's state topic at QoS 1,
   not retained, and leave the outbox only once the broker acknowledged them (PUBACK).
+- Before any download, an offer whose targets cannot fit is refused ``no_space`` (not an
+  attack; ``_check_space`` says the factor: 2 x the signed lengths in the state folder, the
+  largest one in the temp folder, the staged install in the models folder); an OSError
+  (ENOSPC: ``no_space``) or ValueError while downloading is a refusal too, and drops that
+  target's partial store. ``on_progress`` is called after every chunk (the agent's watchdog).
+- A newer offer that replaces an update still pending in the Updater removes the older one's
+  downloaded files and transaction state.
 - ``<state_dir>/updates.json`` (atomic_write: fsync of file and folder) holds the installed
   release counter (the release, node, model and adapter committed last), the attack flag,
   and each transaction's rollout and release until its report is acknowledged.
@@ -42,8 +49,12 @@ Public API: ``DeviceUpdates`` (``offer``, ``step``, ``handle_offer``, ``publish_
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -138,6 +149,8 @@ class DeviceUpdates:
                  retries: int = 3, backoff: float = 1.0, retry_after_s: float = 5.0,
                  max_attempts: int = 3, tuf_config: UpdaterConfig | None = None,
                  on_change: Callable[[], None] | None = None,
+                 on_progress: Callable[[], None] | None = None,
+                 free_bytes: Callable[[Path], int] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.client = client
@@ -152,6 +165,8 @@ class DeviceUpdates:
         self.retry_after_s, self.max_attempts = retry_after_s, max_attempts
         self.tuf_config = tuf_config
         self.on_change = on_change
+        self.on_progress = on_progress  # after every chunk fetched (watchdog keepalive)
+        self.free_bytes = free_bytes or (lambda p: shutil.disk_usage(p).free)
         self.clock = clock
         self.topic = protocol.topic(self.device_id, "state")
         self.sent: list[dict[str, Any]] = []  # every update message published, in order
@@ -282,6 +297,11 @@ class DeviceUpdates:
             detail = f"{exc}: {cause}" if cause is not None and str(cause) else str(exc)
             self._refuse(offer, first, reason, detail, attack=attack)
             self._remove(downloaded)
+        except (OSError, ValueError) as exc:  # ENOSPC while writing, a bad local file ...
+            full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+            self._refuse(offer, first, Reason.NO_SPACE if full else Reason.DOWNLOAD_FAILED,
+                         f"{type(exc).__name__}: {exc}", attack=False)
+            self._remove(downloaded)
 
     def _tuf(self) -> TufUpdater:
         """A fresh ngclient Updater, refreshed (root, timestamp, snapshot, targets)."""
@@ -289,7 +309,8 @@ class DeviceUpdates:
             if self._fetcher is None:
                 self._fetcher = MqttFetcher(self.client, self.device_id,
                                             timeout=self.fetch_timeout,
-                                            state_dir=self.state_dir)
+                                            state_dir=self.state_dir,
+                                            on_progress=self.on_progress)
             up = tuf_client.trusted_client(self.state_dir, self._fetcher,
                                            config=self.tuf_config, anchor=self.anchor)
             tuf_client.refresh(up)
@@ -306,8 +327,36 @@ class DeviceUpdates:
             if tuf_client.is_transient(exc):
                 raise _Transient(str(exc)) from None
             raise
+        except (OSError, ValueError):  # not resumable from here: its chunks go (ENOSPC ...)
+            if self._fetcher is not None:
+                self._fetcher.drop_partial(t.sha256)
+            raise
         downloaded.append(path)
         return path
+
+    def _check_space(self, fetch: list[SignedTarget], staged: int) -> None:
+        """Refuse (NO_SPACE) before any download when the free space cannot hold it.
+
+        Each target of fetch (signed length L) needs at once: L of partial chunks and L for
+        the verified copy in the state folder (the chunks go only once the copy is durable),
+        and L for ngclient's temporary copy in the temp folder (one target at a time); the
+        models folder then needs ``staged`` bytes for the staged install. Needs of folders
+        on one file system add up.
+        """
+        total = sum(t.length or 0 for t in fetch)
+        needs = [(self.state_dir, 2 * total),
+                 (Path(tempfile.gettempdir()), max((t.length or 0 for t in fetch), default=0)),
+                 (Path(self.updater.root), staged)]
+        by_fs: dict[int, tuple[Path, int]] = {}
+        for folder, need in needs:
+            dev = os.stat(folder).st_dev
+            seen = by_fs.get(dev)
+            by_fs[dev] = (folder, need + (seen[1] if seen else 0))
+        for folder, need in by_fs.values():
+            free = self.free_bytes(folder)
+            if need > free:
+                raise UpdateRefusedError(Reason.NO_SPACE.value, f"{need} bytes needed to "
+                                         f"download and stage, {free} free", attack=False)
 
     def _plan(self, offer: Mapping[str, Any], up: TufUpdater, targets: dict[str, SignedTarget],
               downloaded: list[Path]) -> None:
@@ -346,6 +395,10 @@ class DeviceUpdates:
             self.updater.offer(upd)
             return
         files: dict[str, Path] = {}
+        staged = (adapter.length or 0) if kind == "adapter" and adapter is not None else (
+            (model.length or 0) + (manifest.length or 0))
+        self._check_space([t for t in (main, manifest) if kind != "adapter" or t is main],
+                          staged)
         if kind == "delta":
             assert delta is not None
             try:
@@ -353,6 +406,7 @@ class DeviceUpdates:
             except (_Transient, DownloadHTTPError) as exc:  # C2: the full bundle instead
                 log.info("delta %s not available (%s): fetching the full bundle", delta.name, exc)
                 kind = "bundle"
+                self._check_space([model, manifest], staged)
         if kind == "adapter":
             assert adapter is not None
             files = {"patch": self._download(up, adapter, downloaded)}
@@ -363,8 +417,22 @@ class DeviceUpdates:
         upd = Update(kind, model.node, model.version, model.model_sha256, files,
                      adapter_sha256=asha, health=spec)
         meta["files"] = [str(p) for p in downloaded]
+        self._drop_replaced(upd, downloaded)
         self._remember(upd.txn, meta)
         self.updater.offer(upd)
+
+    def _drop_replaced(self, upd: Update, keep: list[Path]) -> None:
+        """The files and transaction state of a pending (not yet staged) update that upd
+        replaces in the Updater (a newer offer wins): removed, but for files upd uses too."""
+        old = self.updater.pending
+        if old is None:
+            return
+        meta = self._state["txns"].get(old.txn) if old.txn != upd.txn else None
+        paths = {str(p) for p in old.files.values()} | set((meta or {}).get("files") or [])
+        self._remove(sorted(paths - {str(p) for p in keep}))
+        if old.txn != upd.txn:
+            self._state["txns"].pop(old.txn, None)
+            self._save()
 
     def _remember(self, txn: str, meta: dict[str, Any]) -> None:
         self._state["txns"][txn] = meta

@@ -16,7 +16,9 @@ its own rules never signs such a target for this device):
 - ``node`` is the node the device runs (``wrong_node``);
 - ``release`` is above the installed release counter, or equal to it for exactly the model
   (and adapter) installed under it (``release_downgrade``: a downgrade ordered by a
-  compromised hub, which TUF's own version checks cannot see);
+  compromised hub, which TUF's own version checks cannot see); with no release installed
+  through TUF yet (a freshly flashed device), ``version`` is above the active model's, or
+  equal to it for exactly the active model (``release_downgrade`` too);
 - a delta or an adapter names the active model as its base (``base_mismatch``).
 
 ``check_release`` then checks that the targets of one offer agree with each other (one node,
@@ -194,6 +196,14 @@ def check(custom: Mapping[str, Any] | SignedTarget, device: DeviceFacts, *, name
         if t.release < inst.release or (t.release == inst.release and not same):
             raise _refuse(Reason.RELEASE_DOWNGRADE, f"target {t.name} has release "
                           f"{t.release}; release {inst.release} is installed")
+    else:  # nothing installed via TUF yet (a freshly flashed device): the active version
+        act = device.active
+        if t.version < act.version or (t.version == act.version
+                                       and t.model_sha256 != act.model_sha256):
+            raise _refuse(Reason.RELEASE_DOWNGRADE, f"target {t.name} is version "
+                          f"{t.version}; version {act.version} of another model is active"
+                          if t.version == act.version else f"target {t.name} is version "
+                          f"{t.version}; version {act.version} is active")
     if t.kind in ("delta", "adapter") and t.base_sha256 != device.active.model_sha256:
         raise _refuse(Reason.BASE_MISMATCH, f"the {t.kind} {t.name} is for base "
                       f"{(t.base_sha256 or '')[:12]}..., this device runs "

@@ -21,10 +21,8 @@ Public API: ``PROVISIONED_ROOT``, ``trusted_client``, ``refresh(updater)``,
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,9 +33,10 @@ from tuf.api.exceptions import (
     DownloadLengthMismatchError,
     RepositoryError,
 )
+from tuf.api.metadata import TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from .._fsutil import fsync_dir
+from .._fsutil import atomic_write, fsync_dir, fsync_path
 from ..errors import UpdateError
 from .tuf_mqtt import METADATA_URL, PARTIAL_DIR, TARGETS_URL, MqttFetcher
 
@@ -53,24 +52,22 @@ MAX_BACKOFF_S = 30.0  # the longest pause between two attempts
 
 
 class DurableUpdater(Updater):
-    """An Updater whose metadata files are fsync'd before and after the atomic rename."""
+    """An Updater whose metadata files are fsync'd before and after the atomic rename, and
+    whose downloaded targets are fsync'd (file and folder) before an MqttFetcher's partial
+    store of them goes."""
 
     def _persist_file(self, filename: str, data: bytes) -> None:
-        directory = os.path.dirname(filename)
-        tmp = None
-        try:
-            with tempfile.NamedTemporaryFile(dir=directory, delete=False) as f:
-                tmp = f.name
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, filename)
-            tmp = None
-            fsync_dir(directory)
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
+        atomic_write(filename, data)
+
+    def download_target(self, targetinfo: TargetFile, filepath: str | None = None,
+                        target_base_url: str | None = None) -> str:
+        path = super().download_target(targetinfo, filepath, target_base_url)
+        fsync_path(path)
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+        if isinstance(self._fetcher, MqttFetcher):  # durable now: the chunks may go
+            for sha in targetinfo.hashes.values():
+                self._fetcher.drop_partial(sha)
+        return path
 
     def _update_root_symlink(self) -> None:
         super()._update_root_symlink()
@@ -158,8 +155,11 @@ def _download_once(updater: Updater, target_name: str) -> Path:
     info = updater.get_targetinfo(target_name)
     if info is None:
         raise RepositoryError(f"target {target_name!r} is not in the signed targets metadata")
-    path = updater.find_cached_target(info) or updater.download_target(info)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    path = updater.find_cached_target(info)
+    if path is None:
+        path = updater.download_target(info)
+        if isinstance(updater, DurableUpdater):
+            return Path(path)  # fsync'd already
+    fsync_path(path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
     return Path(path)

@@ -16,8 +16,10 @@ snapshots: ``targets/<sha256>.<name>``) is written durably to
 ``<state_dir>/tuf/partial/<sha256>/<index>.<chunk sha256>`` (fsync of the file and the
 folder) before ngclient sees it, so a fetch after any cut (network, broker restart, power)
 asks the hub only for the chunks that are missing; a stored chunk whose bytes no longer match
-its sha256 is dropped and fetched again. The store is removed once ngclient verified the
-target, and also when the final length or hash check fails. Metadata is never stored.
+its sha256 is dropped and fetched again. The store is removed once the verified target is
+durable (tuf_client.DurableUpdater, after its fsync), and also when the final length or hash
+check fails. ``on_progress``, if given, is called after every chunk (the agent's systemd
+watchdog keepalive during long transfers). Metadata is never stored.
 
 Hub side: ``TufResponder(repo, client)`` answers those requests from ``TufRepo.read_range``;
 ``attach()`` subscribes it to every device's req topic on the hub's client (again after each
@@ -111,6 +113,7 @@ class MqttFetcher(FetcherInterface):
       partial store for it) keeps target chunks under ``STATE/tuf/partial/<sha256>/``;
     - ``fetch(url)`` / ngclient's ``download_file`` yield the object chunk by chunk; a chunk
       of a hash-prefixed target comes from the partial store when a verified copy is there;
+    - ``on_progress()``, if given, is called after every chunk (a watchdog keepalive);
     - ``stats`` counts requests, re-sends, reconnects, reused, fetched and dropped chunks;
     - ``partials()`` lists the targets with a partial store, ``prune_partials(keep)`` and
       ``drop_partial(sha256)`` remove them;
@@ -128,8 +131,10 @@ class MqttFetcher(FetcherInterface):
                  resp_name: str = RESP_NAME, qos: int = 1,
                  state_dir: str | os.PathLike[str] | None = None,
                  partial_dir: str | os.PathLike[str] | None = None, resend_s: float = 1.0,
-                 req_qos: int = 0, chunk: int = CHUNK) -> None:
+                 req_qos: int = 0, chunk: int = CHUNK,
+                 on_progress: Callable[[], None] | None = None) -> None:
         self.client = client
+        self.on_progress = on_progress
         self.device_id = protocol.check_device_id(device_id)
         self.timeout = timeout
         self.qos = qos
@@ -153,7 +158,11 @@ class MqttFetcher(FetcherInterface):
         client.on_connect = self._on_connect
         client.message_callback_add(self.resp_topic, self._on_response)
         set_tcp_nodelay(client)
-        self._subscribe()
+        try:
+            self._subscribe()
+        except BaseException:  # no half-built fetcher left chained on the client
+            self.close()
+            raise
 
     # -- connection ---------------------------------------------------------------------
 
@@ -284,10 +293,14 @@ class MqttFetcher(FetcherInterface):
         """(chunk bytes, object length) at offset; DownloadHTTPError for a non-200 answer."""
         msg = self._request(path, offset)
         props = _user_props(msg.properties)
-        status = int(props.get("status", "0"))
+        try:
+            status = int(props.get("status", "0"))
+            total = int(props.get("total", "-1")) if status == 200 else -1
+        except ValueError:
+            raise DownloadError(f"malformed answer for {path!r}: status "
+                                f"{props.get('status')!r}, total {props.get('total')!r}") from None
         if status != 200:
             raise DownloadHTTPError(f"hub answered {status} for {path!r}", status)
-        total = int(props.get("total", "-1"))
         data = bytes(msg.payload)
         if total < 0 or offset + len(data) > total or (not data and offset < total):
             raise DownloadError(f"bad chunk for {path!r}: offset {offset}, "
@@ -319,8 +332,17 @@ class MqttFetcher(FetcherInterface):
         path = self.object_path(url)
         sha = self.target_sha256(url)
         if sha is not None and self.partial_dir is not None:
-            return self._fetch_resumable(path, self.partial_dir / sha)
-        return self._fetch_stream(path)
+            chunks = self._fetch_resumable(path, self.partial_dir / sha)
+        else:
+            chunks = self._fetch_stream(path)
+        return chunks if self.on_progress is None else self._with_progress(chunks)
+
+    def _with_progress(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        """chunks, calling on_progress after each (the agent's watchdog keepalive)."""
+        assert self.on_progress is not None
+        for data in chunks:
+            self.on_progress()
+            yield data
 
     def _fetch_stream(self, path: str) -> Iterator[bytes]:
         offset = 0
@@ -393,9 +415,10 @@ class MqttFetcher(FetcherInterface):
 
     @contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
-        """ngclient's download_file, plus the partial store's end of life: removed once the
-        target verified (the with block ended without an error), and also when the final
-        length or hash check failed (the stored chunks are not the signed bytes)."""
+        """ngclient's download_file, plus the partial store's end of life when the final
+        length or hash check failed (the stored chunks are not the signed bytes). A verified
+        target's store stays until its copy is durable: tuf_client.DurableUpdater drops it
+        after the fsync (a cut before that resumes from the chunks)."""
         sha = self.target_sha256(url) if self.partial_dir is not None else None
         try:
             with super().download_file(url, max_length) as f:
@@ -404,8 +427,6 @@ class MqttFetcher(FetcherInterface):
             if sha is not None:
                 self.drop_partial(sha)
             raise
-        if sha is not None:
-            self.drop_partial(sha)
 
     def drop_partial(self, sha256: str) -> None:
         """Remove the partial store of the target with that sha256 (no error if none)."""
@@ -445,15 +466,8 @@ def _read_chunk(path: Path, size: int) -> bytes | None:
 
 
 def _write_chunk(store: Path, index: int, data: bytes) -> None:
-    """<index>.<sha256 of data>: a temporary, fsync, rename, fsync of the folder."""
-    final = store / f"{index:08d}.{hashlib.sha256(data).hexdigest()}"
-    tmp = store / f".{index:08d}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(store)
+    """<index>.<sha256 of data>, written with atomic_write (fsync of file and folder)."""
+    atomic_write(store / f"{index:08d}.{hashlib.sha256(data).hexdigest()}", data)
 
 
 def _unlink_durably(path: Path) -> None:
