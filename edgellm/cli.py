@@ -870,9 +870,10 @@ def cmd_receive(a: argparse.Namespace) -> int:
     if a.serial:
         print(f"receive: waiting on {a.serial} at {a.baud} baud for `edgellm flash` ...",
               file=sys.stderr)
-        active = receive_serial(a.serial, a.root, baud=a.baud, idle_timeout=a.timeout)
+        active = receive_serial(a.serial, a.root, baud=a.baud, idle_timeout=a.timeout,
+                                reprovision=a.reprovision)
     else:
-        active = install_archive(a.file, a.root)
+        active = install_archive(a.file, a.root, reprovision=a.reprovision)
     print(f"receive: installed {active.describe()} into {a.root}")
     return 0
 
@@ -1324,7 +1325,8 @@ def build_parser() -> argparse.ArgumentParser:
              "examples:\n"
              "  edgellm receive --serial /dev/ttyGS0 --root /var/lib/edgellm   # Pi 5 USB gadget\n"
              "  edgellm receive --serial /dev/ttyAMA0 --baud 921600 --root /var/lib/edgellm\n"
-             "  edgellm receive --file /tmp/d-1.elpkg --root /var/lib/edgellm  # what ssh:// runs\n"
+             "  edgellm receive --file /tmp/d-1.elpkg --root /var/lib/edgellm --reprovision\n"
+             "      # what ssh:// runs (the SSH login already authenticated the operator)\n"
              "--serial waits for `edgellm flash --to serial://PORT` on the host. The link is framed\n"
              "(COBS, CRC32 per frame), windowed and acknowledged, so damaged or lost frames are sent\n"
              "again; a cut transfer resumes where the device's durable offset says (the partial\n"
@@ -1332,7 +1334,11 @@ def build_parser() -> argparse.ArgumentParser:
              "sha256 or it is refused. Then every file is checked against flash.json before\n"
              "anything is written, and the model goes in through the update apply path: on any\n"
              "failure the device keeps the model and identity it had. See docs/flash.md,\n"
-             "\"Serial protocol\".")
+             "\"Serial protocol\".\n"
+             "A provisioned device (ROOT has device.toml) takes only a package with its own\n"
+             "identity (device id, broker, certificate, key, CA, TUF root); --reprovision lifts\n"
+             "that for an operator who is logged in (ssh:// passes it). Never give it to an\n"
+             "unattended serial receiver: anyone with a cable could replace the trust root.")
     g = sp.add_mutually_exclusive_group(required=True)
     g.add_argument("--serial", metavar="DEV", help="serial port to receive on, e.g. /dev/ttyGS0")
     g.add_argument("--file", metavar="ARCHIVE", help="a flash package archive (.elpkg) to install")
@@ -1343,6 +1349,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "port ignores it)")
     sp.add_argument("--timeout", type=float, default=None, metavar="S",
                     help="give up after S seconds without a frame from the sender (default: wait)")
+    sp.add_argument("--reprovision", action="store_true",
+                    help="allow a package with another identity (device id, keys, TUF root) to "
+                         "replace this device's; off by default (docs/flash.md, "
+                         "\"Re-provisioning\")")
     return p
 
 

@@ -147,6 +147,10 @@ class FlashDiskFullError(FlashError, DiskFullError):
     """The flash target has too little free space; checked before anything is written."""
 
 
+class FlashIdentityError(FlashError, PermissionError):
+    """A flash package would replace a provisioned device's identity or trust root: refused."""
+
+
 class SerialLinkError(FlashError, ConnectionError):
     """A serial flash link failed (port error, cable pulled, peer silent); a retry resumes."""
 

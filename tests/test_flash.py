@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 from support.fleet import make_home
 from support.releases import DEMO_LEAF_Q4, DEMO_LEAF_Q8
 
-from edgellm.errors import FlashPackageError
+from edgellm.errors import FlashIdentityError, FlashPackageError
 from edgellm.flash.package import (
     install_package,
     installed_info,
@@ -124,6 +125,125 @@ def test_second_build_goes_through_the_updater(tmp_path: Path, ident: Path) -> N
     assert [p.name for p in store.bundles.iterdir()] == [a2.model_sha256]  # old one collected
     assert store.read_json("journal")["state"] == "idle"
     assert installed_info(dev) == read_package(p2)
+
+
+@pytest.fixture(scope="module")
+def hubs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Identity folders: dev-001 and dev-002 of hub A, dev-001 of hub B (its own CA and TUF
+    root: what an attacker's hub issues), and A's dev-001 with B's TUF root swapped in."""
+    d = tmp_path_factory.mktemp("hubs")
+    a, b = make_home(d / "a", tuf=True), make_home(d / "b", tuf=True)
+    out = {"a1": a.add_device("dev-001", board="rpi5"), "a2": a.add_device("dev-002", board="rpi5"),
+           "b1": b.add_device("dev-001", board="rpi5")}
+    out["a1_root_b"] = d / "a1-root-b"
+    shutil.copytree(out["a1"], out["a1_root_b"])
+    shutil.copyfile(out["b1"] / "provisioned-root.json",
+                    out["a1_root_b"] / "provisioned-root.json")
+    return out
+
+
+def test_provisioned_device_refuses_another_identity_unless_reprovision(
+        tmp_path: Path, hubs: dict[str, Path]) -> None:
+    """SECURITY: an unsigned package (a cable) cannot re-anchor a provisioned device's trust."""
+    dev = tmp_path / "device"
+    install_package(make_package(tmp_path / "a1", bundle_dir=B1, identity_dir=hubs["a1"],
+                                 board="rpi5"), dev)  # a blank device: provisioning is allowed
+    before = snapshot(dev)
+    for name, what in (("a2", "device.toml"), ("b1", "device.toml"),
+                       ("a1_root_b", "provisioned-root.json")):
+        pkg = make_package(tmp_path / name, bundle_dir=B2, identity_dir=hubs[name], board="rpi5")
+        with pytest.raises(FlashIdentityError, match=f"already provisioned.*{what}"):
+            install_package(pkg, dev)
+        assert snapshot(dev) == before, name  # nothing written, not even the lock file
+    # the device's own identity with another build needs no reprovision
+    a = install_package(make_package(tmp_path / "a1b2", bundle_dir=B2, identity_dir=hubs["a1"],
+                                     board="rpi5"), dev)
+    assert a.model_sha256 == read_manifest(B2).file("model.gguf").sha256
+    # an operator's explicit reprovision replaces root, key and CA
+    install_package(tmp_path / "b1", dev, reprovision=True)
+    for n in ("provisioned-root.json", "device.key", "device.crt", "server-ca.crt"):
+        assert (dev / n).read_bytes() == (hubs["b1"] / n).read_bytes(), n
+    with pytest.raises(FlashIdentityError):  # and now A's identity is the foreign one
+        install_package(tmp_path / "a1", dev)
+    # a provisioned device whose device.toml does not read refuses too (fails closed)
+    (dev / "device.toml").write_text("not toml [")
+    with pytest.raises(FlashIdentityError, match="does not read"):
+        install_package(tmp_path / "b1", dev)
+
+
+def test_receive_cli_refuses_another_identity_and_the_serial_unit_never_reprovisions(
+        tmp_path: Path, hubs: dict[str, Path]) -> None:
+    arch = {}
+    for name in ("a1", "b1"):
+        pkg = make_package(tmp_path / name, bundle_dir=B1, identity_dir=hubs[name], board="rpi5")
+        (tmp_path / f"x{name}").mkdir()
+        arch[name] = pack(pkg, tmp_path / f"x{name}" / "dev-001.elpkg")
+    dev = tmp_path / "device"
+    cmd = [sys.executable, "-m", "edgellm", "receive", "--root", str(dev), "--file"]
+    r = subprocess.run([*cmd, str(arch["a1"])], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cmd, str(arch["b1"])], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 1 and "--reprovision" in r.stderr, r.stderr
+    assert (dev / "device.key").read_bytes() == (hubs["a1"] / "device.key").read_bytes()
+    r = subprocess.run([*cmd, str(arch["b1"]), "--reprovision"], env=ENV, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert (dev / "device.key").read_bytes() == (hubs["b1"] / "device.key").read_bytes()
+    unit = (ROOT / "firmware_tools" / "edgellm-receive@.service").read_text()
+    execs = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")]
+    assert len(execs) == 1 and "receive --serial" in execs[0]
+    assert "--reprovision" not in execs[0]
+
+
+AGENT = """
+import sys, time
+from pathlib import Path
+from edgellm.fleet.health import check_files
+from edgellm.fleet.updater import Update, Updater
+from edgellm.formats.bundle import read_manifest
+
+def slow(model, spec, adapter, scale):  # the agent's health check, mid-update
+    print("trial", flush=True)
+    time.sleep(1.5)
+    return check_files(model, adapter=adapter, adapter_scale=scale)
+
+store, folder = Path(sys.argv[1]), Path(sys.argv[2])
+b = read_manifest(folder)
+u = Updater(store, health=slow)
+u.boot()
+r = u.apply(Update("bundle", b.node, b.version, b.file("model.gguf").sha256,
+                   {"model.gguf": folder / "model.gguf", "bundle.json": folder / "bundle.json"}))
+print(r["outcome"], r["id"], time.time(), flush=True)
+"""
+
+
+def test_install_waits_for_the_agents_update_in_another_process(tmp_path: Path,
+                                                                ident: Path) -> None:
+    """RACE: the receiver's install never recovers a journal the agent is working on."""
+    dev = tmp_path / "device"
+    p1 = make_package(tmp_path / "p1", bundle_dir=B1, identity_dir=ident, board="rpi5")
+    install_package(p1, dev)
+    agent = subprocess.Popen([sys.executable, "-c", AGENT, str(dev / "models"), str(B2)],
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert agent.stdout is not None
+        assert agent.stdout.readline().strip() == "trial"  # the agent's journal says trial
+        assert SlotStore(dev / "models").read_json("journal")["state"] == "trial"
+        active = install_package(p1, dev)  # B1 again: waits for the agent's lock
+        done = time.time()
+        outcome, rid, agent_done = agent.stdout.readline().split()
+        assert agent.wait(30) == 0, agent.stderr.read() if agent.stderr else ""
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert outcome == "committed" and float(agent_done) <= done  # the agent finished first
+    store = SlotStore(dev / "models")
+    assert active.model_sha256 == read_manifest(B1).file("model.gguf").sha256
+    assert store.read_pointer("current") == active == store.read_pointer("last_good")
+    assert store.read_json("journal")["state"] == "idle"
+    assert [r["id"] for r in store.reports()] == [rid]  # the agent's report stays for the hub
+    assert list(store.staging.iterdir()) == []
 
 
 def test_tampered_package_refused_before_any_write(tmp_path: Path, ident: Path) -> None:
@@ -293,5 +413,6 @@ def test_first_install_cut_mid_copy_leaves_nothing(tmp_path: Path, ident: Path) 
     pkg = make_package(tmp_path / "p", bundle_dir=B1, identity_dir=ident, board="rpi5")
     install_refused_disk_full(pkg, dev)
     left = sorted(str(p.relative_to(dev)) for p in dev.rglob("*") if p.is_file())
-    assert left == []  # only empty store folders: no model, pointer, identity or flash.json
+    assert left == ["models/.updater.lock"]  # the store's empty lock file; no model, pointer,
+    assert (dev / "models" / ".updater.lock").stat().st_size == 0  # identity or flash.json
     assert install_package(pkg, dev).node == "en/medical/cardiology"  # with room it installs

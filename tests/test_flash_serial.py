@@ -381,6 +381,30 @@ def test_edgellm_flash_to_serial_installs_on_the_receiving_device(tmp_path: Path
     assert f"installed {active.describe()}" in out
 
 
+def test_a_cable_cannot_replace_a_provisioned_devices_trust_root(
+        tmp_path: Path, archives: tuple[Path, Path]) -> None:
+    """SECURITY: `edgellm receive --serial` (the unit's command, no --reprovision) refuses a
+    package from another hub for the same device id: its TUF root, CA, key and model stay."""
+    from edgellm.flash.package import install_package, unpack
+
+    root = tmp_path / "devroot"
+    install_package(unpack(archives[0], tmp_path / "mine"), root)  # provisioned by its hub
+    attacker = make_home(tmp_path / "evil", tuf=True).add_device("dev-001", board="rpi5")
+    pkg = make_package(tmp_path / "evil-pkg", bundle_dir=B2, identity_dir=attacker, board="rpi5")
+    (tmp_path / "out").mkdir()
+    evil = pack(pkg, tmp_path / "out" / "dev-001.elpkg")
+    keep = {n: (root / n).read_bytes() for n in ("device.toml", "device.key", "device.crt",
+                                                 "server-ca.crt", "flash.json", "models/current")}
+    with socat_cable(tmp_path) as (host, dev):
+        rx = device_receive(dev, root)
+        send_file(host, evil)  # the transfer itself is fine: the install refuses
+        rc, _, err = finish(rx)
+    assert rc == 1 and "already provisioned" in err and "--reprovision" in err, err
+    assert {n: (root / n).read_bytes() for n in keep} == keep
+    assert not (root / "provisioned-root.json").exists()  # no root was planted either
+    assert not list((root / INCOMING).iterdir())  # the refused archive is not kept
+
+
 def test_receive_file_installs_and_refuses_a_truncated_archive(
         tmp_path: Path, archives: tuple[Path, Path]) -> None:
     a1, a2 = archives

@@ -154,6 +154,60 @@ def test_ssh_too_little_space_on_the_device_is_refused_before_the_copy(tmp_path:
     assert not list(Path(state.tmp).glob("edgellm-flash-*/dev-full.elpkg"))
 
 
+def test_ssh_flash_reprovisions_a_device_with_another_identity(tmp_path: Path,
+                                                               sshd: Sshd) -> None:
+    """The SSH login authenticated the operator: the receiver runs with --reprovision."""
+    from edgellm.flash.package import install_package, make_package
+
+    home = make_home(tmp_path)
+    sysroot = tmp_path / "devfs"
+    dev = sysroot / "var" / "lib" / "edgellm"
+    old = home.add_device("dev-old", board="rpi5")  # provisioned before, as another device
+    install_package(make_package(tmp_path / "old", bundle_dir=BUNDLES / "en-medical-rpi5-q8_0",
+                                 identity_dir=old, board="rpi5"), dev)
+    res = flash(board="rpi5", device_id="dev-new", target=_uri(sshd), home=home.root, need=NEED,
+                bundles=BUNDLES, show_progress=False,
+                ssh_options={**_ssh_opts(sshd, sysroot), "agent": "none"})
+    assert not res.skipped and res.identity_created
+    assert load_device_config(dev / "device.toml").device_id == "dev-new"
+    assert (dev / "device.key").read_bytes() == (home.device_dir("dev-new") / "device.key"
+                                                 ).read_bytes()
+
+
+def _children(name: str) -> list[int]:
+    """This process's child processes called name, running or not yet reaped (zombies)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:]
+        if comm == name and int(rest.split()[1]) == os.getpid():
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_ssh_copy_has_keepalives_and_leaves_no_ssh_when_progress_raises(tmp_path: Path,
+                                                                       sshd: Sshd) -> None:
+    from edgellm.flash import ssh
+
+    t = ssh.SshTarget.from_uri(_uri(sshd), **_ssh_opts(sshd, tmp_path / "devfs"))
+    argv = t.ssh_argv()
+    assert "ServerAliveInterval=15" in argv and "ServerAliveCountMax=3" in argv
+    archive = tmp_path / "x.elpkg"
+    archive.write_bytes(os.urandom(3 * ssh.CHUNK))
+    (tmp_path / "remote").mkdir()
+
+    def interrupted(done: int, total: int) -> None:
+        raise KeyboardInterrupt  # Ctrl-C during the progress bar
+
+    assert _children("ssh") == []
+    with pytest.raises(KeyboardInterrupt):
+        ssh._send(t, archive, str(tmp_path / "remote"), interrupted)
+    assert _children("ssh") == []  # killed and reaped, not left running or as a zombie
+
+
 # -- bad input: clear errors, nothing half-installed -------------------------------------------
 
 

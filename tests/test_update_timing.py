@@ -2,12 +2,15 @@
 """When updates land (B5): 1,000 seeded random interleavings of sessions, offers, windows and
 idle periods on a simulated clock; no swap while a session holds the lock, and each update
 lands at the first poll after unlock that the policy allows. Then real threads, and the real
-Updater on a simulated clock."""
+Updater on a simulated clock, and the store lock held from another process."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +22,15 @@ from edgellm.errors import InvalidArgumentError, StateError
 from edgellm.fleet.fsops import FileOps
 from edgellm.fleet.health import HealthResult, HealthSpec, check_files
 from edgellm.fleet.slots import Active, SlotStore
-from edgellm.fleet.updater import Update, UpdateLock, UpdatePolicy, Updater, UpdateScheduler
+from edgellm.fleet.updater import (
+    LOCK_NAME,
+    Update,
+    UpdateLock,
+    UpdatePolicy,
+    Updater,
+    UpdateScheduler,
+    store_lock,
+)
 from edgellm.formats.bundle import Bundle
 
 DATA = Path(__file__).parent / "data" / "stories260K"
@@ -243,3 +254,72 @@ def test_the_real_updater_waits_for_unlock_and_window(tmp_path: Path) -> None:
         clock.t += 60
         u.poll()
     assert [v for v, _ in swaps] == [2, 3, 4, 5, 6, 7]
+
+
+HOLDER = """
+import sys
+from edgellm.fleet.updater import store_lock
+with store_lock(sys.argv[1]).hold():
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_store_lock_from_another_process_skips_poll_and_holds_boot(tmp_path: Path) -> None:
+    """RACE: a flash receiver (another process) holds models/.updater.lock: the agent's poll
+    skips its tick (never blocks), boot waits, and both go on once it is released."""
+    from edgellm.formats.convert import convert
+
+    gguf = convert(DATA / "stories260K.bin", tmp_path / "m.gguf", type="q8_0",
+                   tokenizer=DATA / "tok512.bin", log=None)
+    b1, b2 = _bundle(tmp_path / "b1", gguf, 1), _bundle(tmp_path / "b2", gguf, 2)
+    dev = tmp_path / "dev"
+    SlotStore(dev).provision(b1.folder)
+
+    def cheap(m: Path, s: HealthSpec | None, a: Path | None, sc: float) -> HealthResult:
+        return check_files(m, adapter=a)
+
+    u = Updater(dev, fs=FileOps(sync=False), health=cheap)
+    u.boot()
+    assert (dev / LOCK_NAME).is_file()
+    u.offer(Update("bundle", "en", 2, b2.file("model.gguf").sha256,
+                   {"model.gguf": b2.folder / "model.gguf", "bundle.json": b2.folder / "bundle.json"}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(dev)], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        for _ in range(5):
+            assert u.poll() is None  # busy: skipped at once, nothing staged
+        assert time.monotonic() - t0 < 1.0
+        assert u.journal()["state"] == "idle" and list((dev / "staging").iterdir()) == []
+        assert u.pending is not None  # kept for a later tick
+        booted: list[Active] = []
+        other = Updater(dev, fs=FileOps(sync=False), health=cheap)
+        th = threading.Thread(target=lambda: booted.append(other.boot()))
+        th.start()
+        th.join(0.5)
+        assert th.is_alive() and booted == []  # boot waits for the other process
+        holder.stdin.close()
+        assert holder.wait(10) == 0
+        th.join(10)
+        assert booted == [u.active]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    report = u.poll()  # free again: staged and swapped in one tick (no policy, no session)
+    assert report is not None and report["outcome"] == "committed"
+    assert u.active is not None and u.active.version == 2
+
+
+def test_store_lock_is_reentrant_in_a_process(tmp_path: Path) -> None:
+    lk = store_lock(tmp_path)
+    assert store_lock(tmp_path / "sub" / "..") is lk  # one object per store folder
+    with lk.hold() as a, lk.hold(blocking=False) as b:
+        assert a and b  # the holder may take it again (install_package -> Updater.boot)
+    with pytest.raises(StateError):
+        lk.release()
+

@@ -22,11 +22,14 @@ Usage::
     pkg = unpack(archive, tmp)                    # regular files only, names and sizes checked
     active = install_package(pkg, "/var/lib/edgellm")
 
-``install_package`` verifies every file against flash.json and the free space before it
-writes anything; the model goes in through the update path (``SlotStore.provision`` on a
-device with no model, else ``Updater.apply`` of a full bundle, health check and rollback
-included), and the identity files are renamed into place only after the model committed.
-The same package again changes nothing.
+``install_package`` verifies every file against flash.json, that a provisioned device keeps
+its identity (device id, broker, certificate, key, CA, TUF root; ``reprovision=True`` lifts
+this for an authenticated operator) and the free space before it writes anything; it holds
+the store's inter-process lock (``updater.store_lock``) while it installs; the model goes in
+through the update path (``SlotStore.provision`` on a device with no model, else
+``Updater.apply`` of a full bundle, health check and rollback included), and the identity
+files are renamed into place only after the model committed. The same package again changes
+nothing.
 
 Public API: ``FlashInfo``, ``make_package``, ``read_package``, ``verify_package``, ``pack``,
 ``unpack``, ``install_package``, ``installed_info``, ``ARCHIVE_SUFFIX``.
@@ -56,6 +59,7 @@ from ..errors import (
     EdgeLLMError,
     FlashDiskFullError,
     FlashError,
+    FlashIdentityError,
     FlashPackageError,
 )
 from ..formats.bundle import MANIFEST_NAME, MODEL_NAME, check_node, read_manifest, sha256_file
@@ -544,30 +548,45 @@ def _private_umask() -> Iterator[None]:
         os.umask(old)
 
 
-def install_package(package_dir: PathLike, device_root: PathLike) -> Any:
+def install_package(package_dir: PathLike, device_root: PathLike, *,
+                    reprovision: bool = False) -> Any:
     """Install a package into a device root; returns the active model (slots.Active).
 
-    Order: verify the package and the free space (nothing written yet); stage the identity
-    files as fsynced temporaries; install the model (provision, or the updater's apply of a
-    full bundle: stage, verify, switch, health check, commit or roll back); then rename the
-    identity files into place and write flash.json last. A refusal or rollback removes the
-    temporaries: the device keeps its old model and identity. A package already installed
-    (same model active, same identity bytes) changes nothing.
+    Order: verify the package, that it keeps a provisioned device's identity (unless
+    reprovision) and the free space (nothing written yet); take the store's inter-process
+    lock (``updater.store_lock``: the running agent's Updater waits or skips its tick); stage
+    the identity files as fsynced temporaries; install the model (provision, or the
+    updater's apply of a full bundle: stage, verify, switch, health check, commit or roll
+    back); then rename the identity files into place and write flash.json last. A refusal or
+    rollback removes the temporaries: the device keeps its old model and identity. A package
+    already installed (same model active, same identity bytes) changes nothing.
+
+    Args:
+        package_dir: a package folder (``unpack``).
+        device_root: the device root (DEVICE_ROOT).
+        reprovision: allow a package whose identity differs from the one the device has
+            (another device id, broker, certificate, key, CA or TUF root). Off by default,
+            so an unauthenticated link (the serial receiver) can provision a blank device or
+            re-install its own identity, never re-anchor a provisioned device's trust.
 
     Raises:
         FlashPackageError: the package fails verification.
+        FlashIdentityError: the device is provisioned with another identity and reprovision
+            is off (nothing was written).
         FlashDiskFullError: the device root has too little free space.
         FlashError: the update path refused the model or rolled it back (the detail says why).
     """
     from ..fleet.slots import Active, SlotStore
-    from ..fleet.updater import Update, Updater
+    from ..fleet.updater import Update, Updater, store_lock
 
     pkg, root = Path(package_dir), Path(device_root)
     info = verify_package(pkg)
-    target = Active(info.model_sha256, info.node, info.version)
-    store = SlotStore(root / MODELS_DIR)
     ident = {n: (pkg / "identity" / n).read_bytes() for n in IDENTITY_FILES
              if (pkg / "identity" / n).is_file()}
+    if not reprovision:
+        _check_identity(pkg, root, ident)
+    target = Active(info.model_sha256, info.node, info.version)
+    store = SlotStore(root / MODELS_DIR)
     changed = {n: b for n, b in ident.items() if not _same(root / n, b)}
     flash_bytes = (pkg / FLASH_JSON).read_bytes()
     if store.read_pointer("current") == target and store.valid(target) and not changed:
@@ -583,22 +602,25 @@ def install_package(package_dir: PathLike, device_root: PathLike) -> Any:
     root.mkdir(parents=True, exist_ok=True)
     tmps: list[tuple[Path, Path]] = []
     try:
-        with _private_umask():
-            for n, data in sorted(changed.items()):  # stage: written and fsynced, not in place
-                tmp = root / f".{n}.flash-new"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if n not in SECRET_FILES:
-                    os.chmod(tmp, 0o644)
-                tmps.append((tmp, root / n))
-        active = _install_model(store, pkg, info, target, Update, Updater)
-        for tmp, final in tmps:
-            os.replace(tmp, final)
-        fsync_dir(root)
-        atomic_write(root / FLASH_JSON, flash_bytes)
-        return active
+        with store_lock(store.root).hold():  # the agent's Updater keeps out until we are done
+            if not reprovision:  # again under the lock: another flash may have finished
+                _check_identity(pkg, root, ident)
+            with _private_umask():
+                for n, data in sorted(changed.items()):  # stage: fsynced, not in place
+                    tmp = root / f".{n}.flash-new"
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    if n not in SECRET_FILES:
+                        os.chmod(tmp, 0o644)
+                    tmps.append((tmp, root / n))
+            active = _install_model(store, pkg, info, target, Update, Updater)
+            for tmp, final in tmps:
+                os.replace(tmp, final)
+            fsync_dir(root)
+            atomic_write(root / FLASH_JSON, flash_bytes)
+            return active
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG):
             raise FlashDiskFullError(f"{root}: no space left while installing ({exc.strerror}); "
@@ -607,6 +629,50 @@ def install_package(package_dir: PathLike, device_root: PathLike) -> Any:
     finally:
         for tmp, _ in tmps:
             tmp.unlink(missing_ok=True)
+
+
+# device.toml fields that are the device's identity and trust (node, version, model and the
+# agent's tuning change with each build and may differ)
+IDENTITY_FIELDS = ("device_id", "host", "port", "ca", "cert", "key", "tuf_root", "models_dir")
+
+
+def _identity_of(toml: Path) -> tuple[Any, ...]:
+    """device.toml's identity fields, paths written relative to its folder when inside it."""
+    from ..fleet.device_config import load_device_config
+
+    cfg = load_device_config(toml, check_files=False)
+    base = toml.parent.absolute()
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, Path):
+            a = v.absolute()
+            return a.relative_to(base).as_posix() if a.is_relative_to(base) else str(a)
+        return v
+
+    return tuple(norm(getattr(cfg, f)) for f in IDENTITY_FIELDS)
+
+
+def _check_identity(pkg: Path, root: Path, ident: Mapping[str, bytes]) -> None:
+    """Refuse (no write) a package that would change a provisioned device's identity.
+
+    Provisioned: the root has device.toml or provisioned-root.json. The package may then
+    only bring the same device.toml identity fields and the same bytes of every other
+    identity file it carries; a device.toml that cannot be read counts as different.
+    """
+    if not ((root / "device.toml").exists() or (root / "provisioned-root.json").exists()):
+        return  # a blank device: first provisioning
+    differs = [n for n in sorted(ident) if n != "device.toml" and not _same(root / n, ident[n])]
+    try:
+        if _identity_of(root / "device.toml") != _identity_of(pkg / "identity" / "device.toml"):
+            differs.insert(0, "device.toml (device id, broker or trust paths)")
+    except (EdgeLLMError, OSError) as exc:
+        differs.insert(0, f"device.toml (the device's does not read: {exc})")
+    if differs:
+        raise FlashIdentityError(
+            f"{root} is already provisioned and this package would replace its "
+            f"{', '.join(differs)}: refused, nothing was written. Re-provisioning a device "
+            "takes an authenticated operator: flash it over ssh://, or run `edgellm receive "
+            "--reprovision` on the device itself (docs/flash.md, \"Re-provisioning\")")
 
 
 def _install_model(store: Any, pkg: Path, info: FlashInfo, target: Any, update_cls: Any,

@@ -10,7 +10,9 @@ sent. One flash is::
               (the same package already installed -> done, nothing copied)
     copy      the archive streamed over ssh into a private temporary folder (progress: bytes,
               rate, ETA), its sha256 computed there as it arrives and compared
-    install   <remote python> -m edgellm receive --file ARCHIVE --root PATH
+    install   <remote python> -m edgellm receive --file ARCHIVE --root PATH --reprovision
+              (the SSH login authenticated the operator: a device provisioned with another
+              identity may be re-provisioned; the serial receiver never allows that)
     enable    the agent's systemd unit (firstboot.enable_agent; optionally systemctl)
     clean     the temporary folder is removed whatever happened
 
@@ -58,6 +60,7 @@ __all__ = ["RemoteState", "SshResult", "SshTarget", "flash_ssh", "probe", "run_r
            "session"]
 
 CONNECT_TIMEOUT_S = 10
+ALIVE_INTERVAL_S, ALIVE_COUNT = 15, 3  # a silent peer ends the session after ~45 s
 CHUNK = 1 << 20  # bytes per write into ssh's stdin
 AGENT_MODES = ("enable", "systemctl", "none")
 
@@ -146,7 +149,9 @@ class SshTarget:
         argv = ["ssh", "-p", str(self.port), "-o", "BatchMode=yes",
                 "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={kh}",
                 "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UpdateHostKeys=no",
-                "-o", f"ConnectTimeout={self.connect_timeout}", "-o", "LogLevel=ERROR"]
+                "-o", f"ConnectTimeout={self.connect_timeout}", "-o", "LogLevel=ERROR",
+                "-o", f"ServerAliveInterval={ALIVE_INTERVAL_S}",
+                "-o", f"ServerAliveCountMax={ALIVE_COUNT}"]
         if self.key is not None:
             argv += ["-i", str(Path(self.key).expanduser()), "-o", "IdentitiesOnly=yes"]
         if self.control_path:  # one TCP connection and key exchange for every step
@@ -302,20 +307,27 @@ def _send(t: SshTarget, archive: Path, tmp: str, progress: ProgressFn | None
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     sent = 0
     try:
-        with open(archive, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                proc.stdin.write(chunk)
-                sent += len(chunk)
-                if progress is not None:
-                    progress(sent, size)
-    except BrokenPipeError:
-        pass  # ssh ended early: its exit status and stderr say why
-    finally:
-        with contextlib.suppress(BrokenPipeError):
-            proc.stdin.close()
-    out_b, err_b = proc.stdout.read(), proc.stderr.read()  # a few lines each
-    proc.wait()
+        try:
+            with open(archive, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    proc.stdin.write(chunk)
+                    sent += len(chunk)
+                    if progress is not None:
+                        progress(sent, size)
+        except BrokenPipeError:
+            pass  # ssh ended early: its exit status and stderr say why
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        out_b, err_b = proc.stdout.read(), proc.stderr.read()  # a few lines each
+        proc.wait()
+    finally:  # progress() raised, or an interrupt: no ssh left running (or unreaped)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
     want = h.hexdigest()
     lines = out_b.decode("utf-8", "replace").split()
     err = err_b.decode("utf-8", "replace")
@@ -376,7 +388,7 @@ def flash_ssh(t: SshTarget, archive: str | os.PathLike[str], info: FlashInfo, *,
     remote = f"{tmpdir}/{arch.name}"
     try:
         out = run_remote(t, f"{t.remote_python} -m edgellm receive --file {shlex.quote(remote)} "
-                            f"--root {shlex.quote(t.install_root)}").stdout
+                            f"--root {shlex.quote(t.install_root)} --reprovision").stdout
         out += _enable_agent(t)
         return SshResult(False, sent, seconds, out)
     finally:

@@ -22,9 +22,14 @@ while a swap runs. ``UpdatePolicy`` allows a swap inside the maintenance window 
 idle period. Staging (copy, patch, verify) may run while sessions are active; only the switch,
 the health check and the commit or rollback need the lock.
 
+Between processes: ``store_lock(root)`` is an ``fcntl.flock`` on ``ROOT/.updater.lock``, held
+by ``boot``, ``prepare``, ``poll`` and ``apply`` (``poll`` only tries it: busy, it skips the
+tick) and by the flash receiver's ``install_package``, so one process never recovers, collects
+or switches under another's journal. It is re-entrant within a process (one object per store).
+
 Public API: ``Update``, ``Updater`` (``boot``, ``offer``, ``poll``, ``apply``, ``reports``,
-``ack_report``), ``UpdateLock``, ``UpdatePolicy``, ``UpdateScheduler``, ``report`` dicts with a
-``Reason``.
+``ack_report``), ``UpdateLock``, ``UpdatePolicy``, ``UpdateScheduler``, ``StoreLock`` and
+``store_lock``, ``report`` dicts with a ``Reason``.
 
 .. versionadded:: 0.1
 """
@@ -33,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import os
 import shutil
 import threading
 import time
@@ -55,10 +62,12 @@ from .health import HealthResult, HealthSpec, Reason, check_files, check_model
 from .patch import CHUNK, Patch, apply_patch, read_patch
 from .slots import Active, SlotStore
 
-__all__ = ["HealthFn", "Update", "UpdateLock", "UpdatePolicy", "UpdateScheduler", "Updater"]
+__all__ = ["LOCK_NAME", "HealthFn", "StoreLock", "Update", "UpdateLock", "UpdatePolicy",
+           "UpdateScheduler", "Updater", "store_lock"]
 
 KINDS = ("bundle", "delta", "adapter")
 MAX_STARTS = 3  # B4: three failed starts of a model on trial, then back to the last good one
+LOCK_NAME = ".updater.lock"  # in the store root: the inter-process lock file (never removed)
 T = TypeVar("T")
 # (model.gguf, spec or None, adapter or None, adapter scale) -> verdict
 HealthFn = Callable[[Path, "HealthSpec | None", "Path | None", float], HealthResult]
@@ -172,6 +181,78 @@ class UpdateLock:
                 with self._cond:
                     self._swapping = False
                     self._cond.notify_all()
+
+
+class StoreLock:
+    """The store's inter-process lock: ``fcntl.flock`` on ``ROOT/.updater.lock``.
+
+    Re-entrant in the thread that holds it (a depth count); other threads of the process wait
+    on an RLock first, other processes on the flock. Get it with ``store_lock(root)``, which
+    hands every caller in the process the same object for a store.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.path = Path(root) / LOCK_NAME
+        self._mutex = threading.RLock()
+        self._fd: int | None = None
+        self._depth = 0
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock (waiting when blocking); False when not blocking and it is busy."""
+        if not self._mutex.acquire(blocking):
+            return False
+        if self._depth == 0:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                except BaseException:
+                    os.close(fd)
+                    raise
+            except BlockingIOError:
+                self._mutex.release()
+                return False
+            except BaseException:
+                self._mutex.release()
+                raise
+            self._fd = fd
+        self._depth += 1
+        return True
+
+    def release(self) -> None:
+        """Release one level; the flock goes when the outermost holder releases."""
+        if self._depth <= 0:
+            raise StateError(f"{self.path}: release() without acquire()")
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor drops the flock
+        self._mutex.release()
+
+    @contextlib.contextmanager
+    def hold(self, blocking: bool = True) -> Iterator[bool]:
+        """Yield True holding the lock, or False (not blocking, another holder has it)."""
+        got = self.acquire(blocking)
+        try:
+            yield got
+        finally:
+            if got:
+                self.release()
+
+
+_STORE_LOCKS: dict[str, StoreLock] = {}
+_STORE_LOCKS_GUARD = threading.Lock()
+
+
+def store_lock(root: str | os.PathLike[str]) -> StoreLock:
+    """The process's one StoreLock for the store at root (same object for the same folder)."""
+    key = os.path.realpath(root)
+    with _STORE_LOCKS_GUARD:
+        lk = _STORE_LOCKS.get(key)
+        if lk is None:
+            lk = _STORE_LOCKS[key] = StoreLock(key)
+        return lk
 
 
 def _minutes(text: str) -> int:
@@ -289,7 +370,8 @@ class Updater:
     - ``u.reports()`` are the reports for the hub, kept until ``u.ack_report(report["id"])``;
     - ``on_swap(active)`` is called after each switch so the serving code reloads.
 
-    Not thread-safe: one agent thread drives it; sessions only touch ``lock``.
+    Not thread-safe: one agent thread drives it; sessions only touch ``lock``. ``flock``
+    (``store_lock(root)``) keeps other processes out while it recovers, stages or swaps.
     """
 
     root: Path
@@ -307,6 +389,7 @@ class Updater:
         self.root = Path(self.root)
         self.store = SlotStore(self.root, self.fs, self.chunk)
         self.scheduler = UpdateScheduler(self.lock, self.policy, self.clock)
+        self.flock = store_lock(self.root)  # against other processes on this store
         self.active: Active | None = None
         self.pending: Update | None = None
         self.log: list[dict[str, Any]] = []  # reports made by this instance, in order
@@ -329,33 +412,35 @@ class Updater:
         Raises:
             UpdateError: no verified model is left on the device.
         """
-        self.store.init()
-        j = self.journal()
-        state = j.get("state")
-        try:
-            if state == "staging":
-                self._abort(j, Reason.INTERRUPTED, "power was lost before the update installed")
-            elif state == "installed":
-                self._switch_and_trial(j)
-            elif state == "trial":
-                self._trial(j)
-            elif state == "rolling_back":
-                self._rollback(j, Reason(j.get("reason", Reason.INTERRUPTED.value)),
-                               str(j.get("detail", "")))
-            elif state == "committing":
-                self._commit(j)
-        except (UpdateError, KeyError, ValueError) as exc:
-            # A journal naming models that are gone: fall through to the pointers.
-            self.store.write_json("journal", {"state": "idle", "note": str(exc)[:200]})
-        active, source = self.store.resolve()
-        if source != "current":
-            self._report({"txn": f"boot-{active.model_sha256[:16]}", "kind": "boot",
-                          "target": active.to_dict(), "previous": None}, "fallback",
-                         Reason.VERIFY_FAILED, f"the current model failed verification; "
-                         f"serving {active.describe()} from {source}")
-        self.store.gc([active, self.store.read_pointer("last_good")])
-        self.active = active
-        return active
+        with self.flock.hold():
+            self.store.init()
+            j = self.journal()
+            state = j.get("state")
+            try:
+                if state == "staging":
+                    self._abort(j, Reason.INTERRUPTED,
+                                "power was lost before the update installed")
+                elif state == "installed":
+                    self._switch_and_trial(j)
+                elif state == "trial":
+                    self._trial(j)
+                elif state == "rolling_back":
+                    self._rollback(j, Reason(j.get("reason", Reason.INTERRUPTED.value)),
+                                   str(j.get("detail", "")))
+                elif state == "committing":
+                    self._commit(j)
+            except (UpdateError, KeyError, ValueError) as exc:
+                # A journal naming models that are gone: fall through to the pointers.
+                self.store.write_json("journal", {"state": "idle", "note": str(exc)[:200]})
+            active, source = self.store.resolve()
+            if source != "current":
+                self._report({"txn": f"boot-{active.model_sha256[:16]}", "kind": "boot",
+                              "target": active.to_dict(), "previous": None}, "fallback",
+                             Reason.VERIFY_FAILED, f"the current model failed verification; "
+                             f"serving {active.describe()} from {source}")
+            self.store.gc([active, self.store.read_pointer("last_good")])
+            self.active = active
+            return active
 
     def model_path(self) -> Path:
         """The active model.gguf (after boot)."""
@@ -391,32 +476,37 @@ class Updater:
         """
         if self.active is None:
             raise StateError("call boot() first")
-        if self.journal()["state"] == "idle" and self.pending is not None:
-            u, self.pending = self.pending, None  # from here on the journal holds it
-            if u.target == self.active:
-                return self._report(self._jrec(u, "idle"), "already_installed",
-                                    Reason.ALREADY_INSTALLED, f"{u.target.describe()} is active")
-            refused = self.prepare(u)
-            if refused is not None:
-                return refused
-        if self.journal()["state"] != "installed":
-            return None
-        return self.scheduler.run(self._switch_and_trial, now)
+        with self.flock.hold(blocking=False) as got:
+            if not got:  # another process (a flash receiver) is installing
+                return None  # a later tick tries again
+            if self.journal()["state"] == "idle" and self.pending is not None:
+                u, self.pending = self.pending, None  # from here on the journal holds it
+                if u.target == self.active:
+                    return self._report(self._jrec(u, "idle"), "already_installed",
+                                        Reason.ALREADY_INSTALLED,
+                                        f"{u.target.describe()} is active")
+                refused = self.prepare(u)
+                if refused is not None:
+                    return refused
+            if self.journal()["state"] != "installed":
+                return None
+            return self.scheduler.run(self._switch_and_trial, now)
 
     def apply(self, update: Update) -> dict[str, Any]:
         """Stage, install, switch (waiting for the lock, ignoring the policy), check, commit."""
-        noop = self.offer(update)
-        if noop is not None:
-            return noop
-        refused = self.prepare(update)
-        self.pending = None
-        if refused is not None:
-            return refused
-        while True:
-            with self.lock.try_swap() as got:
-                if got:
-                    return self._switch_and_trial()
-            time.sleep(0.01)
+        with self.flock.hold():
+            noop = self.offer(update)
+            if noop is not None:
+                return noop
+            refused = self.prepare(update)
+            self.pending = None
+            if refused is not None:
+                return refused
+            while True:
+                with self.lock.try_swap() as got:
+                    if got:
+                        return self._switch_and_trial()
+                time.sleep(0.01)
 
     # -- staging --------------------------------------------------------------------------
 
@@ -433,28 +523,29 @@ class Updater:
             None when it is installed and waits for the switch; the report when it was
             refused (then its fallback, if any, has been prepared in its place).
         """
-        j = self._jrec(u, "staging")
-        patch: Patch | None = None
-        try:
-            patch, _ = self._check(u)
-            self._set(j)
-            staged = self.store.staging_dir(u.txn)
-            self._stage(u, patch, staged)
-            if u.kind == "adapter":
-                assert u.adapter_sha256 is not None
-                self.store.install_adapter(staged / "adapter.gguf", u.adapter_sha256)
-            else:
-                self.store.install_bundle(staged, u.target)
-            j["state"] = "installed"
-            self._set(j)
-            return None
-        except _Refused as r:
-            report = self._abort(j, r.reason, r.detail, outcome="refused")
-        if u.fallback is not None and report["reason"] in (
-                Reason.BASE_MISMATCH.value, Reason.PATCH_INVALID.value,
-                Reason.VERIFY_FAILED.value, Reason.INVALID.value):
-            return self.prepare(u.fallback)
-        return report
+        with self.flock.hold():
+            j = self._jrec(u, "staging")
+            patch: Patch | None = None
+            try:
+                patch, _ = self._check(u)
+                self._set(j)
+                staged = self.store.staging_dir(u.txn)
+                self._stage(u, patch, staged)
+                if u.kind == "adapter":
+                    assert u.adapter_sha256 is not None
+                    self.store.install_adapter(staged / "adapter.gguf", u.adapter_sha256)
+                else:
+                    self.store.install_bundle(staged, u.target)
+                j["state"] = "installed"
+                self._set(j)
+                return None
+            except _Refused as r:
+                report = self._abort(j, r.reason, r.detail, outcome="refused")
+            if u.fallback is not None and report["reason"] in (
+                    Reason.BASE_MISMATCH.value, Reason.PATCH_INVALID.value,
+                    Reason.VERIFY_FAILED.value, Reason.INVALID.value):
+                return self.prepare(u.fallback)
+            return report
 
     def _check(self, u: Update) -> tuple[Patch | None, int]:
         """Refuse an offer that cannot apply here, before any write (C1, B6)."""
