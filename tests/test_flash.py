@@ -246,6 +246,31 @@ def test_install_waits_for_the_agents_update_in_another_process(tmp_path: Path,
     assert list(store.staging.iterdir()) == []
 
 
+def test_the_agents_updater_follows_a_flash_between_sessions(tmp_path: Path,
+                                                            ident: Path) -> None:
+    """A model installed by a receiver is served by the agent's Updater at its next poll,
+    once no session holds the lock (verified, then on_swap so the server reloads)."""
+    from edgellm.fleet.health import check_files
+    from edgellm.fleet.updater import Updater
+
+    dev = tmp_path / "device"
+    install_package(make_package(tmp_path / "p1", bundle_dir=B1, identity_dir=ident,
+                                 board="rpi5"), dev)
+    swaps: list[str] = []
+    agent = Updater(dev / "models", health=lambda m, s, a, x: check_files(m),
+                    on_swap=lambda a: swaps.append(a.model_sha256))
+    first = agent.boot()
+    installed = install_package(make_package(tmp_path / "p2", bundle_dir=B2,
+                                             identity_dir=ident, board="rpi5"), dev)
+    assert installed != first and agent.active == first  # the receiver switched the pointer
+    with agent.lock.session():  # a clinician's answer in progress: no swap
+        agent.poll()
+        assert agent.active == first and swaps == []
+    agent.poll()
+    assert agent.active == installed and swaps == [installed.model_sha256]
+    assert agent.model_path() == SlotStore(dev / "models").model_path(installed)
+
+
 def test_tampered_package_refused_before_any_write(tmp_path: Path, ident: Path) -> None:
     dev = tmp_path / "device"
     install_package(make_package(tmp_path / "p1", bundle_dir=B1, identity_dir=ident,

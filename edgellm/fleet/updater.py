@@ -479,6 +479,8 @@ class Updater:
         with self.flock.hold(blocking=False) as got:
             if not got:  # another process (a flash receiver) is installing
                 return None  # a later tick tries again
+            if self.journal()["state"] == "idle":
+                self._follow_pointer()
             if self.journal()["state"] == "idle" and self.pending is not None:
                 u, self.pending = self.pending, None  # from here on the journal holds it
                 if u.target == self.active:
@@ -491,6 +493,18 @@ class Updater:
             if self.journal()["state"] != "installed":
                 return None
             return self.scheduler.run(self._switch_and_trial, now)
+
+    def _follow_pointer(self) -> None:
+        """Serve what ``current`` names when another process (``edgellm receive``, under the
+        store lock) switched it: once no session holds the lock, verified, then on_swap."""
+        cur = self.store.read_pointer("current")
+        if cur is None or cur == self.active:
+            return
+        with self.lock.try_swap() as got:
+            if got and self.store.valid(cur):
+                self.active = cur
+                if self.on_swap is not None:
+                    self.on_swap(cur)
 
     def apply(self, update: Update) -> dict[str, Any]:
         """Stage, install, switch (waiting for the lock, ignoring the policy), check, commit."""
