@@ -12,7 +12,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from support.fleet import Inbox, close, hub_client, make_home, running_broker
+from support.fleet import Inbox, close, hub_client, make_home, running_broker, wait_until
 
 from edgellm.errors import DeviceConfigError
 from edgellm.fleet import protocol, store
@@ -45,15 +45,6 @@ def _watch(home: HubHome, pattern: str = "edgellm/v1/#") -> tuple[mqtt.Client, I
 
 def _state(inbox: Inbox) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in inbox.messages if m.topic.endswith("/state")]
-
-
-def _wait(cond: Any, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
 
 
 # -- device config ----------------------------------------------------------------------------
@@ -182,20 +173,20 @@ def test_birth_death_bdseq_rebirth_and_bad_commands(tmp_path: Path) -> None:
                         b'{"v":1,"type":"selfdestruct"}', b"[]"):
             hub.publish(cmd, payload, qos=1).wait_for_publish(5)
         hub.publish(cmd, protocol.encode({"type": "rebirth"}), qos=1).wait_for_publish(5)
-        hub_ = _wait(lambda: len(_state(inbox)) >= 1)
+        hub_ = wait_until(lambda: len(_state(inbox)) >= 1)
         assert hub_ and agent.stats["bad_commands"] == 5
         assert _state(inbox)[0]["type"] == "birth" and _state(inbox)[0]["bdSeq"] == 0
         assert agent.wait_connected(1)  # still running
         # abrupt loss: the broker publishes the Will with this connection's bdSeq
         agent.kill()
-        assert _wait(lambda: len(_state(inbox)) >= 2)
+        assert wait_until(lambda: len(_state(inbox)) >= 2)
         assert _state(inbox)[1] == {"v": 1, "type": "death", "device": DEV, "bdSeq": 0}
         # restart: bdSeq + 1; clean stop publishes the death with it
         agent = Agent(cfg).start(timeout=10)
-        assert _wait(lambda: len(_state(inbox)) >= 3)
+        assert wait_until(lambda: len(_state(inbox)) >= 3)
         assert _state(inbox)[2]["type"] == "birth" and _state(inbox)[2]["bdSeq"] == 1
         agent.stop()
-        assert _wait(lambda: len(_state(inbox)) >= 4)
+        assert wait_until(lambda: len(_state(inbox)) >= 4)
         assert _state(inbox)[3] == {"v": 1, "type": "death", "device": DEV, "bdSeq": 1}
         close(hub)
 
@@ -238,7 +229,7 @@ def test_offline_10000_reports_capped_then_drained_and_accounted(tmp_path: Path)
         assert agent.drain(timeout=60) and len(agent.queue) == 0
         drain_s = time.perf_counter() - t1
         conn = store.connect(home.registry_db)
-        ok = _wait(lambda: store.accounting(conn, DEV)["next_seq"] == 10_000, 20)
+        ok = wait_until(lambda: store.accounting(conn, DEV)["next_seq"] == 10_000, 20)
         acc = store.accounting(conn, DEV)
         agent.stop()
         service.stop()
@@ -285,7 +276,7 @@ def test_reconnect_after_broker_restart_delivers_queue(tmp_path: Path) -> None:
         agent.start(timeout=10)
         _fill(agent, 5, 100)
         assert len(agent.queue) == 0
-    assert _wait(lambda: not agent.wait_connected(0), 5)
+    assert wait_until(lambda: not agent.wait_connected(0), 5)
     _fill(agent, 20, 200)  # offline now
     assert len(agent.queue) == 20
     with running_broker(home):

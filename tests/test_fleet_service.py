@@ -262,7 +262,7 @@ from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import paho.mqtt.client as mqtt  # noqa: E402
-from support.fleet import Inbox, close, device_client, make_home, running_broker  # noqa: E402
+from support.fleet import Inbox, close, device_client, make_home, running_broker, wait_until  # noqa: E402
 
 from edgellm.cli import main  # noqa: E402
 from edgellm.errors import StateError  # noqa: E402
@@ -270,15 +270,6 @@ from edgellm.fleet.home import HubHome  # noqa: E402
 from edgellm.fleet.service import REJECT_REASONS, HubService, classify  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def wait_until(cond: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def publish(client: mqtt.Client, device: str, kind: str, payload: bytes | dict[str, Any],

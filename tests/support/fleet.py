@@ -48,7 +48,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(cond: Callable[[], object], timeout: float = 5.0) -> bool:
+def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> bool:
     """Poll cond every 0.02 s until it is true or timeout seconds passed; its last answer."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
